@@ -1,0 +1,82 @@
+/* pcasurgery.h: status codes, structs and prototypes shared by the C core.
+ *
+ * The kernels in pca.c (and later llama.c) know nothing about Python: plain
+ * pointers, size_t sizes, outputs first, inputs const. module.c is the only
+ * file that includes Python.h and the NumPy headers.
+ */
+#ifndef PCASURGERY_H
+#define PCASURGERY_H
+
+#include <stddef.h>
+
+/* ---- status codes: 0 ok, negative = failure, pcs_status_str() names them */
+enum {
+    PCS_OK = 0,
+    PCS_ERR_NOMEM = -1,       /* malloc failed */
+    PCS_ERR_NONFINITE = -2,   /* NaN or Inf in an input matrix */
+    PCS_ERR_TOO_LARGE = -3,   /* a size does not fit LAPACK's 32-bit int */
+    PCS_ERR_NO_CONVERGE = -4, /* LAPACK eigensolver did not converge (info>0) */
+    PCS_ERR_LAPACK_ARG = -5,  /* LAPACK rejected an argument (info<0): our bug */
+    PCS_ERR_ZERO_VARIANCE = -6, /* every centered entry is zero */
+    PCS_ERR_ARG = -7          /* a size or pointer argument is invalid */
+};
+
+const char *pcs_status_str(int status);
+
+/* ---- PCA of row-stacked matrices (pca.c)
+ *
+ * Dimension legend:
+ *   M = number of stacked input matrices
+ *   n = total rows = samples (sum of the rows of the M matrices)
+ *   d = columns = features (the model's input dimension)
+ *   r = min(n, d) = number of components computed
+ *   k = number of components used by project / reconstruct, k <= r
+ */
+
+enum { PCS_PRECISION_DOUBLE = 0, PCS_PRECISION_SINGLE = 1 };
+
+typedef struct {
+    const float *data; /* (rows, d) row-major, row stride ld floats */
+    size_t rows;
+    size_t ld;         /* >= d */
+} PcsMatrix;
+
+/* Where a non-finite value was found (filled on PCS_ERR_NONFINITE). */
+typedef struct {
+    size_t matrix, row, col;
+} PcsWhere;
+
+/* Fit a PCA on the M matrices stacked by rows.
+ *   components (r, d)  rows = principal axes, descending variance, svd_flip signs
+ *   eigvals    (r)     squared singular values of the (centered) stack,
+ *                      i.e. sum over samples of the squared scores, descending
+ *   mean       (d)     column mean of the stack (zeros when !center)
+ *   total      (1)     squared Frobenius norm of the (centered) stack, in double
+ * precision: PCS_PRECISION_DOUBLE eigensolves the double Gram/covariance matrix
+ *   (relative accuracy ~1e-12 on every eigenvalue above 1e-10 of the largest);
+ *   PCS_PRECISION_SINGLE rounds it to float32 first (about twice as fast,
+ *   eigenvalues accurate to ~1e-7 of the largest only).
+ * Memory: allocates its own workspace; the caller's buffers are outputs only. */
+int pcs_pca_fit(float *components, double *eigvals, float *mean, double *total,
+                const PcsMatrix *mats, size_t n_mats, size_t d, int center,
+                int precision, PcsWhere *where);
+
+/* Z (n, k) = (X (n, d) - mean (d)) @ C_k^T (d, k); Z has row stride ldz. */
+int pcs_pca_project(float *Z, size_t ldz, const float *X, size_t ldx,
+                    const float *mean, const float *C, size_t n, size_t d,
+                    size_t k);
+
+/* Xhat (n, d) = Z (n, k) @ C_k (k, d) + mean (d)   when mean != NULL,
+ * Xhat (n, d) += Z (n, k) @ C_k (k, d)             when mean == NULL
+ * (the second form adds components k0..k1 to an existing reconstruction, so a
+ * sweep over increasing k costs one full-rank product in total). */
+int pcs_pca_reconstruct(float *Xhat, size_t ldxhat, const float *Z, size_t ldz,
+                        const float *C, const float *mean, size_t n, size_t d,
+                        size_t k);
+
+/* ---- threads (pca.c): our OpenBLAS's own pool */
+void pcs_set_num_threads(int n);
+int pcs_get_num_threads(void);
+const char *pcs_blas_config(void);
+
+#endif /* PCASURGERY_H */

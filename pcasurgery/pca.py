@@ -1,0 +1,277 @@
+"""StackedPCA: a scikit-learn-shaped PCA of several matrices stacked by rows.
+
+In PCA surgery the *rows* of a weight matrix W (out_features, in_features)
+are the samples and its columns the features: a PCA finds a basis of the
+input space in which the output neurons' weight vectors live. Stacking the
+rows of k_proj and v_proj (each (256, 2048) in TinyLlama) gives (512, 2048)
+samples whose PCA is one basis shared by K and V.
+
+The fit, the projection and the reconstruction run in the C core
+(``pcasurgery._C``, OpenBLAS + LAPACKE), with the GIL released.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from numbers import Integral, Real
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _C
+
+_PRECISIONS = {"double": 0, "single": 1}
+
+
+def _as_named_list(matrices: Any) -> tuple[list[Any], list[str], bool]:
+    """Normalise the `matrices` argument to (list of arrays, names, was_single).
+
+    Accepts one 2-D array, a sequence of 2-D arrays, or a mapping name -> array
+    (the names then appear in error messages, e.g. "v_proj has 1024 columns").
+    """
+    if isinstance(matrices, Mapping):
+        names = [str(k) for k in matrices.keys()]
+        return list(matrices.values()), names, False
+    if isinstance(matrices, np.ndarray) or not isinstance(matrices, (list, tuple)):
+        return [matrices], ["matrices"], True
+    return list(matrices), [f"matrices[{i}]" for i in range(len(matrices))], False
+
+
+def _check_threshold(threshold: Any, name: str) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, Real):
+        raise TypeError(f"{name} must be a float in (0, 1], got {type(threshold).__name__}")
+    t = float(threshold)
+    if not (0.0 < t <= 1.0):
+        raise ValueError(
+            f"{name} must be in (0, 1] (the fraction of variance kept), got {threshold!r}"
+        )
+    return t
+
+
+class StackedPCA:
+    """PCA of one or more matrices stacked by rows, shaped like scikit-learn's PCA.
+
+    Parameters
+    ----------
+    n_components : None, int or float
+        How many components :meth:`transform` and :meth:`reconstruct` use by
+        default. ``None``: all ``min(n_samples, n_features)``. An int k in
+        ``[1, min(n_samples, n_features)]``: the first k. A float t in (0, 1]:
+        the fewest components whose cumulative explained-variance ratio
+        exceeds t, i.e. the fraction of variance **kept** (``--var 0.3``
+        keeps 30%); 1.0 means all. Every component is computed whatever this
+        is, so :meth:`n_components_for` and ``reconstruct(k=...)`` can use any
+        other count without a refit.
+    center : bool
+        True (default): subtract the column mean first and add it back on
+        reconstruction, as scikit-learn's PCA does. False: plain SVD of the
+        stack (as MHA2MLA/TransMLA use); "variance" then means energy, the
+        squared Frobenius norm, and ``mean_`` is zero.
+    precision : "double" or "single"
+        Precision of the eigensolver. The Gram/covariance matrix is always
+        accumulated in double. "double" (default) keeps every eigenvalue
+        above ~1e-10 of the largest to ~1e-10 relative accuracy; "single"
+        is about twice as fast but loses eigenvalues below ~1e-6 of the
+        largest (their directions and sizes become rounding noise).
+
+    Fitted attributes (end in ``_``, as in scikit-learn)
+    ----------------------------------------------------
+    components_ : (n_components_, n_features) float32
+        Principal axes, by decreasing variance; the largest-magnitude entry of
+        each is positive (scikit-learn's ``svd_flip`` convention).
+    explained_variance_ : (n_components_,) float64
+        Variance along each axis, with scikit-learn's ``n_samples - 1``
+        denominator.
+    explained_variance_ratio_ : (n_components_,) float64
+    singular_values_ : (n_components_,) float64
+    mean_ : (n_features,) float32
+    n_components_, n_samples_, n_features_in_ : int
+    all_components_, all_explained_variance_, all_explained_variance_ratio_
+        The same for every one of the ``min(n_samples, n_features)``
+        components, whatever n_components is.
+    """
+
+    def __init__(
+        self,
+        n_components: int | float | None = None,
+        *,
+        center: bool = True,
+        precision: str = "double",
+    ) -> None:
+        self.n_components = n_components
+        self.center = center
+        self.precision = precision
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, matrices: Any) -> StackedPCA:
+        """Fit on `matrices`: one 2-D array, a sequence of them, or a mapping
+        name -> 2-D array, all with the same number of columns (features).
+        Their rows are stacked as samples. Returns self."""
+        self._check_params()
+        mats, names, _ = _as_named_list(matrices)
+        comps, eig, mean, total = _C.pca_fit(
+            mats, names, bool(self.center), _PRECISIONS[self.precision]
+        )
+        n_samples = sum(int(np.shape(m)[0]) for m in mats)
+        self.n_samples_ = n_samples
+        self.n_features_in_ = int(comps.shape[1])
+        self.mean_ = mean
+        self.all_components_ = comps
+        denom = max(n_samples - 1, 1)
+        self.all_explained_variance_ = eig / denom
+        self.all_explained_variance_ratio_ = eig / total
+        self.total_variance_ = total / denom
+        self.n_components_ = self._resolve_n_components(self.n_components)
+        return self
+
+    def fit_transform(self, matrices: Any) -> npt.NDArray[np.float32]:
+        """Fit, then return the scores of the stacked rows, (n_samples, n_components_)."""
+        self.fit(matrices)
+        mats, _, _ = _as_named_list(matrices)
+        return np.concatenate([self.transform(m) for m in mats], axis=0)
+
+    # --------------------------------------------------- derived attributes
+    @property
+    def components_(self) -> npt.NDArray[np.float32]:
+        return self.all_components_[: self.n_components_]
+
+    @property
+    def explained_variance_(self) -> npt.NDArray[np.float64]:
+        return self.all_explained_variance_[: self.n_components_]
+
+    @property
+    def explained_variance_ratio_(self) -> npt.NDArray[np.float64]:
+        return self.all_explained_variance_ratio_[: self.n_components_]
+
+    @property
+    def singular_values_(self) -> npt.NDArray[np.float64]:
+        return np.sqrt(self.explained_variance_ * max(self.n_samples_ - 1, 1))
+
+    @property
+    def max_components_(self) -> int:
+        """min(n_samples, n_features): the number of components computed."""
+        return int(self.all_components_.shape[0])
+
+    def n_components_for(self, threshold: float) -> int:
+        """Components needed to keep `threshold` of the variance, without a refit.
+
+        scikit-learn's rule: ``searchsorted(cumsum(ratio), t, side="right") + 1``,
+        the fewest components whose cumulative ratio strictly exceeds t;
+        ``1.0`` means all of them.
+        """
+        self._check_fitted()
+        t = _check_threshold(threshold, "threshold")
+        if t == 1.0:
+            return self.max_components_
+        cum = np.cumsum(self.all_explained_variance_ratio_)
+        k = int(np.searchsorted(cum, t, side="right")) + 1
+        return min(k, self.max_components_)
+
+    # ------------------------------------------------ project / reconstruct
+    def transform(self, X: npt.ArrayLike, k: int | None = None) -> npt.NDArray[np.float32]:
+        """Scores Z (n, k) = (X - mean_) @ components[:k].T; k defaults to n_components_."""
+        self._check_fitted()
+        k = self._check_k(k)
+        X = self._check_finite_matrix(X, "X")
+        return _C.pca_project(X, self.mean_, self.all_components_, k)
+
+    def inverse_transform(self, Z: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """X̂ (n, d) = Z (n, k) @ components[:k] + mean_, for any k = Z.shape[1] <= max_components_."""
+        self._check_fitted()
+        Z = self._check_finite_matrix(Z, "Z")
+        if Z.shape[1] > self.max_components_:
+            raise ValueError(
+                f"Z has {Z.shape[1]} columns but only {self.max_components_} components exist"
+            )
+        return _C.pca_reconstruct(Z, self.all_components_, self.mean_)
+
+    def reconstruct(
+        self, matrices: Any, k: int | None = None
+    ) -> npt.NDArray[np.float32] | list[npt.NDArray[np.float32]] | dict[str, npt.NDArray[np.float32]]:
+        """Rebuild each matrix from its first k principal components (default n_components_).
+
+        X̂ = (X - mean_) Cₖᵀ Cₖ + mean_. Returns the same shape of container it
+        was given: one array, a list (one reconstruction per input matrix), or a
+        dict by name. Any k in [0, max_components_] works from the one fit.
+        """
+        self._check_fitted()
+        k = self._check_k(k, allow_zero=True)
+        mats, names, single = _as_named_list(matrices)
+        outs = []
+        for m, name in zip(mats, names):
+            X = self._check_finite_matrix(m, name)
+            Z = _C.pca_project(X, self.mean_, self.all_components_, k)
+            outs.append(_C.pca_reconstruct(Z, self.all_components_, self.mean_))
+        if single:
+            return outs[0]
+        if isinstance(matrices, Mapping):
+            return dict(zip(matrices.keys(), outs))
+        return outs
+
+    # ------------------------------------------------------------- checking
+    def _check_params(self) -> None:
+        if self.precision not in _PRECISIONS:
+            raise ValueError(f"precision must be 'double' or 'single', got {self.precision!r}")
+        if not isinstance(self.center, (bool, np.bool_)):
+            raise TypeError(f"center must be a bool, got {type(self.center).__name__}")
+        n = self.n_components
+        if n is None:
+            return
+        if isinstance(n, bool) or not isinstance(n, (Integral, Real)):
+            raise TypeError(
+                f"n_components must be None, an int or a float in (0, 1], got {type(n).__name__}"
+            )
+        if isinstance(n, Integral):
+            if n < 1:
+                raise ValueError(f"n_components must be >= 1 when an int, got {n}")
+        else:
+            _check_threshold(n, "n_components")
+
+    def _resolve_n_components(self, n: int | float | None) -> int:
+        r = self.max_components_
+        if n is None:
+            return r
+        if isinstance(n, Integral):
+            if not 1 <= n <= r:
+                raise ValueError(
+                    f"n_components={n} must be between 1 and min(n_samples, n_features)={r}"
+                )
+            return int(n)
+        return self.n_components_for(float(n))
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "all_components_"):
+            raise AttributeError("this StackedPCA is not fitted yet; call fit(matrices) first")
+
+    def _check_k(self, k: Any, allow_zero: bool = False) -> int:
+        if k is None:
+            return self.n_components_
+        if isinstance(k, bool) or not isinstance(k, Integral):
+            raise TypeError(f"k must be an int, got {type(k).__name__}")
+        lo = 0 if allow_zero else 1
+        if not lo <= k <= self.max_components_:
+            raise ValueError(f"k must be between {lo} and {self.max_components_}, got {k}")
+        return int(k)
+
+    def _check_finite_matrix(self, X: Any, name: str) -> np.ndarray:
+        """X as an array; TypeError/ValueError naming it if it is not a finite
+        2-D numeric matrix with n_features_in_ columns (the C core checks
+        dtype and shape again; this adds the finiteness check)."""
+        A = np.asarray(X) if not isinstance(X, np.ndarray) else X
+        if A.dtype.kind not in "iuf":
+            raise TypeError(
+                f"{name} must be a real numeric (integer or floating) array, got dtype {A.dtype}"
+            )
+        if A.ndim != 2:
+            raise ValueError(f"{name} must be a 2-D array (rows, columns), got a {A.ndim}-d array")
+        if A.dtype.kind == "f" and not np.isfinite(A).all():
+            raise ValueError(f"{name} contains NaN or Inf; expected finite values")
+        return A
+
+    def __repr__(self) -> str:
+        args = [f"n_components={self.n_components!r}"]
+        if not self.center:
+            args.append("center=False")
+        if self.precision != "double":
+            args.append(f"precision={self.precision!r}")
+        return f"StackedPCA({', '.join(args)})"
