@@ -40,8 +40,9 @@ static void matview_clear(matview *v)
 /* Convert obj to a float32 matrix view, naming it `name` in errors.
  * Float32 arrays whose rows are contiguous are borrowed as they are
  * (column slices included); anything else is copied to a C-contiguous
- * float32 array. Returns 0, or -1 with an exception set. */
-static int to_matview(PyObject *obj, const char *name, matview *out)
+ * float32 array. allow_no_cols accepts (rows, 0) (a rank-0 score matrix).
+ * Returns 0, or -1 with an exception set. */
+static int to_matview(PyObject *obj, const char *name, int allow_no_cols, matview *out)
 {
     out->arr = NULL;
     PyArrayObject *a = (PyArrayObject *)PyArray_FromAny(obj, NULL, 0, 0, 0, NULL);
@@ -72,7 +73,7 @@ static int to_matview(PyObject *obj, const char *name, matview *out)
         return -1;
     }
     npy_intp rows = PyArray_DIM(a, 0), cols = PyArray_DIM(a, 1);
-    if (rows == 0 || cols == 0) {
+    if (rows == 0 || (cols == 0 && !allow_no_cols)) {
         PyErr_Format(PyExc_ValueError,
                      "%s is empty (shape (%zd, %zd)); expected at least one row "
                      "and one column",
@@ -111,7 +112,7 @@ static int ranges_overlap(const void *a, size_t abytes, const void *b, size_t bb
 
 static size_t view_bytes(const matview *v)
 {
-    return ((v->rows - 1) * v->ld + v->cols) * sizeof(float);
+    return v->cols == 0 ? 0 : ((v->rows - 1) * v->ld + v->cols) * sizeof(float);
 }
 
 /* Raise the exception for a failed kernel status. Returns NULL. */
@@ -138,7 +139,7 @@ static PyObject *raise_status(PyObject *module, int status, const char *what)
 /* ------------------------------------------------------------------ pca_fit */
 
 PyDoc_STRVAR(pca_fit_doc,
-"pca_fit(matrices, names, center, precision) -> (components, eigvals, mean, total)\n"
+"pca_fit(matrices, names, center, precision, solver) -> (components, eigvals, mean, total)\n"
 "\n"
 "Fit a PCA on the row-stack of `matrices` (a sequence of 2-D arrays with the\n"
 "same number of columns d). `names` (a sequence of str, same length) names\n"
@@ -146,15 +147,20 @@ PyDoc_STRVAR(pca_fit_doc,
 "eigvals (r,) float64 (squared singular values of the centered stack,\n"
 "descending), mean (d,) float32 (zeros when not center) and total (float, the\n"
 "squared Frobenius norm of the centered stack). precision: 0 = double\n"
-"eigensolver, 1 = single.");
+"eigensolver, 1 = single. solver: 0 = auto, 1 = Gram (X X^T), 2 = covariance.");
 
 static PyObject *pca_fit(PyObject *module, PyObject *args)
 {
     PyObject *seq_obj, *names_obj, *result = NULL;
-    int center, precision;
-    if (!PyArg_ParseTuple(args, "OOpi:pca_fit", &seq_obj, &names_obj, &center,
-                          &precision))
+    int center, precision, solver;
+    if (!PyArg_ParseTuple(args, "OOpii:pca_fit", &seq_obj, &names_obj, &center,
+                          &precision, &solver))
         return NULL;
+    if (solver < PCS_SOLVER_AUTO || solver > PCS_SOLVER_COVARIANCE) {
+        PyErr_Format(PyExc_ValueError, "solver must be 0 (auto), 1 (gram) or 2 (covariance), got %d",
+                     solver);
+        return NULL;
+    }
     if (precision != PCS_PRECISION_DOUBLE && precision != PCS_PRECISION_SINGLE) {
         PyErr_Format(PyExc_ValueError, "precision must be 0 (double) or 1 (single), got %d",
                      precision);
@@ -194,7 +200,7 @@ static PyObject *pca_fit(PyObject *module, PyObject *args)
         const char *name = PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(names, i));
         if (!name)
             goto done;
-        if (to_matview(PySequence_Fast_GET_ITEM(seq, i), name, &views[i]) < 0)
+        if (to_matview(PySequence_Fast_GET_ITEM(seq, i), name, 0, &views[i]) < 0)
             goto done;
         if (views[i].cols != views[0].cols) {
             PyErr_Format(PyExc_ValueError,
@@ -232,7 +238,7 @@ static PyObject *pca_fit(PyObject *module, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     status = pcs_pca_fit((float *)PyArray_DATA(comp), (double *)PyArray_DATA(eig),
                          (float *)PyArray_DATA(mean), &total, mats, (size_t)M, d,
-                         center, precision, &where);
+                         center, precision, solver, &where);
     Py_END_ALLOW_THREADS
     if (status == PCS_ERR_NONFINITE) {
         PyErr_Format(PyExc_ValueError,
@@ -327,7 +333,7 @@ static PyObject *pca_project(PyObject *module, PyObject *args)
         return NULL;
     matview X = {0}, C = {0};
     PyArrayObject *mean = NULL, *Z = NULL;
-    if (to_matview(X_obj, "X", &X) < 0 || to_matview(C_obj, "components", &C) < 0)
+    if (to_matview(X_obj, "X", 0, &X) < 0 || to_matview(C_obj, "components", 0, &C) < 0)
         goto done;
     if (X.cols != C.cols) {
         PyErr_Format(PyExc_ValueError,
@@ -385,7 +391,7 @@ static PyObject *pca_reconstruct(PyObject *module, PyObject *args, PyObject *kwa
         return NULL;
     matview Z = {0}, C = {0}, O = {0};
     PyArrayObject *mean = NULL, *out = NULL;
-    if (to_matview(Z_obj, "Z", &Z) < 0 || to_matview(C_obj, "components", &C) < 0)
+    if (to_matview(Z_obj, "Z", 1, &Z) < 0 || to_matview(C_obj, "components", 0, &C) < 0)
         goto done;
     if (Z.cols > C.rows) {
         PyErr_Format(PyExc_ValueError,

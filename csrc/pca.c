@@ -213,7 +213,7 @@ static void flip_and_store(float *components, const double *V, size_t r,
 
 int pcs_pca_fit(float *components, double *eigvals, float *mean, double *total,
                 const PcsMatrix *mats, size_t n_mats, size_t d, int center,
-                int precision, PcsWhere *where)
+                int precision, int solver, PcsWhere *where)
 {
     int status = PCS_OK;
     size_t n = 0;
@@ -221,9 +221,10 @@ int pcs_pca_fit(float *components, double *eigvals, float *mean, double *total,
         n += mats[m].rows;
     if (n_mats == 0 || n == 0 || d == 0)
         return PCS_ERR_ARG;
-    const int gram = n < d;          /* eigenproblem of X X^T instead of X^T X */
+    /* eigenproblem of X X^T (n, n) instead of X^T X (d, d)? */
+    const int gram = solver == PCS_SOLVER_GRAM || (solver == PCS_SOLVER_AUTO && n < d);
     const size_t m_eig = gram ? n : d;
-    const size_t r = gram ? n : d;   /* = min(n, d) */
+    const size_t r = n < d ? n : d;
     if (!fits_blas(n) || !fits_blas(d) || !fits_blas(n * d))
         return PCS_ERR_TOO_LARGE;
 
@@ -281,7 +282,7 @@ int pcs_pca_fit(float *components, double *eigvals, float *mean, double *total,
     if (status)
         goto done;
 
-    for (size_t i = 0; i < r; i++) {
+    for (size_t i = 0; i < r; i++) { /* the r largest of the m_eig */
         double lam = w[m_eig - 1 - i];
         eigvals[i] = lam > 0.0 ? lam : 0.0;
     }
@@ -303,7 +304,7 @@ int pcs_pca_fit(float *components, double *eigvals, float *mean, double *total,
                 first_null = i;
                 break;
             }
-            const double *t = T + (n - 1 - i) * d; /* (d) */
+            const double *t = T + (m_eig - 1 - i) * d; /* (d) */
             double inv = 1.0 / sqrt(eigvals[i]);
             for (size_t j = 0; j < d; j++)
                 V[i * d + j] = t[j] * inv;

@@ -34,6 +34,9 @@ const char *pcs_status_str(int status);
  */
 
 enum { PCS_PRECISION_DOUBLE = 0, PCS_PRECISION_SINGLE = 1 };
+/* AUTO: the Gram route (eigenproblem of X X^T, n x n) when n < d, else the
+ * covariance route (X^T X, d x d). Both are valid for any shape. */
+enum { PCS_SOLVER_AUTO = 0, PCS_SOLVER_GRAM = 1, PCS_SOLVER_COVARIANCE = 2 };
 
 typedef struct {
     const float *data; /* (rows, d) row-major, row stride ld floats */
@@ -59,7 +62,7 @@ typedef struct {
  * Memory: allocates its own workspace; the caller's buffers are outputs only. */
 int pcs_pca_fit(float *components, double *eigvals, float *mean, double *total,
                 const PcsMatrix *mats, size_t n_mats, size_t d, int center,
-                int precision, PcsWhere *where);
+                int precision, int solver, PcsWhere *where);
 
 /* Z (n, k) = (X (n, d) - mean (d)) @ C_k^T (d, k); Z has row stride ldz. */
 int pcs_pca_project(float *Z, size_t ldz, const float *X, size_t ldx,

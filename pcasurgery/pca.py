@@ -21,6 +21,7 @@ import numpy.typing as npt
 from . import _C
 
 _PRECISIONS = {"double": 0, "single": 1}
+_SOLVERS = {"auto": 0, "gram": 1, "covariance": 2}
 
 
 def _as_named_list(matrices: Any) -> tuple[list[Any], list[str], bool]:
@@ -73,6 +74,11 @@ class StackedPCA:
         above ~1e-10 of the largest to ~1e-10 relative accuracy; "single"
         is about twice as fast but loses eigenvalues below ~1e-6 of the
         largest (their directions and sizes become rounding noise).
+    solver : "auto", "gram" or "covariance"
+        Which symmetric eigenproblem is solved: "gram" the (n, n) matrix
+        X Xᵀ, "covariance" the (d, d) matrix Xᵀ X. Both give the same
+        answer; "auto" (default) picks the smaller one (Gram when rows <
+        columns, e.g. k_proj+v_proj stacked: 512 x 2048).
 
     Fitted attributes (end in ``_``, as in scikit-learn)
     ----------------------------------------------------
@@ -97,10 +103,12 @@ class StackedPCA:
         *,
         center: bool = True,
         precision: str = "double",
+        solver: str = "auto",
     ) -> None:
         self.n_components = n_components
         self.center = center
         self.precision = precision
+        self.solver = solver
 
     # ------------------------------------------------------------------ fit
     def fit(self, matrices: Any) -> StackedPCA:
@@ -110,7 +118,7 @@ class StackedPCA:
         self._check_params()
         mats, names, _ = _as_named_list(matrices)
         comps, eig, mean, total = _C.pca_fit(
-            mats, names, bool(self.center), _PRECISIONS[self.precision]
+            mats, names, bool(self.center), _PRECISIONS[self.precision], _SOLVERS[self.solver]
         )
         n_samples = sum(int(np.shape(m)[0]) for m in mats)
         self.n_samples_ = n_samples
@@ -212,6 +220,10 @@ class StackedPCA:
     def _check_params(self) -> None:
         if self.precision not in _PRECISIONS:
             raise ValueError(f"precision must be 'double' or 'single', got {self.precision!r}")
+        if self.solver not in _SOLVERS:
+            raise ValueError(
+                f"solver must be 'auto', 'gram' or 'covariance', got {self.solver!r}"
+            )
         if not isinstance(self.center, (bool, np.bool_)):
             raise TypeError(f"center must be a bool, got {type(self.center).__name__}")
         n = self.n_components
@@ -274,4 +286,6 @@ class StackedPCA:
             args.append("center=False")
         if self.precision != "double":
             args.append(f"precision={self.precision!r}")
+        if self.solver != "auto":
+            args.append(f"solver={self.solver!r}")
         return f"StackedPCA({', '.join(args)})"

@@ -1,0 +1,47 @@
+"""Shared fixtures and matrix generators for the test suite.
+
+Data that tests read from ../shared (models, tokenizers, texts) is found
+through PCASURGERY_SHARED, default: the `shared` folder next to the project.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PCASURGERY_SHARED", ROOT.parent / "shared"))
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20261128)
+
+
+def with_spectrum(rng: np.random.Generator, n: int, d: int, sv: np.ndarray) -> np.ndarray:
+    """An (n, d) float32 matrix U diag(sv) Vᵀ with random orthonormal U, V,
+    plus a non-zero column mean (so that centering matters)."""
+    r = len(sv)
+    U, _ = np.linalg.qr(rng.standard_normal((n, r)))
+    V, _ = np.linalg.qr(rng.standard_normal((d, r)))
+    X = (U * sv) @ V.T + rng.standard_normal(d) * sv[0] / np.sqrt(n)
+    return X.astype(np.float32)
+
+
+def make_matrix(kind: str, rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    """Test matrices with the spectra PCA surgery meets:
+    random  -- Gaussian entries, a flat Marchenko-Pastur spectrum;
+    decay   -- singular values falling over 4 decades (eigenvalues over 8),
+               like trained weights with a heavy head and a long tail;
+    lowrank -- rank 5 (rank-deficient: most eigenvalues are zero);
+    """
+    r = min(n, d)
+    if kind == "random":
+        return (rng.standard_normal((n, d)) + 0.5).astype(np.float32)
+    if kind == "decay":
+        return with_spectrum(rng, n, d, 10.0 ** (-4.0 * np.arange(r) / r))
+    if kind == "lowrank":
+        return with_spectrum(rng, n, d, np.array([5.0, 3.0, 2.0, 1.0, 0.5]))
+    raise ValueError(kind)
