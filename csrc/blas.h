@@ -34,6 +34,9 @@ enum { PcsUpper = 121, PcsLower = 122 };
 #define pcs_cblas_dsyrk PCS_SYM(cblas_dsyrk)
 #define pcs_LAPACKE_dsyevd PCS_SYM(LAPACKE_dsyevd)
 #define pcs_LAPACKE_ssyevd PCS_SYM(LAPACKE_ssyevd)
+#define pcs_LAPACKE_dsytrd PCS_SYM(LAPACKE_dsytrd)
+#define pcs_LAPACKE_dstedc PCS_SYM(LAPACKE_dstedc)
+#define pcs_LAPACKE_sormtr PCS_SYM(LAPACKE_sormtr)
 #define pcs_openblas_set_num_threads PCS_SYM(openblas_set_num_threads)
 #define pcs_openblas_get_num_threads PCS_SYM(openblas_get_num_threads)
 #define pcs_openblas_get_config PCS_SYM(openblas_get_config)
@@ -53,6 +56,14 @@ pcs_blasint pcs_LAPACKE_dsyevd(int layout, char jobz, char uplo, pcs_blasint n,
                                double *a, pcs_blasint lda, double *w);
 pcs_blasint pcs_LAPACKE_ssyevd(int layout, char jobz, char uplo, pcs_blasint n,
                                float *a, pcs_blasint lda, float *w);
+pcs_blasint pcs_LAPACKE_dsytrd(int layout, char uplo, pcs_blasint n, double *a,
+                               pcs_blasint lda, double *d, double *e, double *tau);
+pcs_blasint pcs_LAPACKE_dstedc(int layout, char compz, pcs_blasint n, double *d,
+                               double *e, double *z, pcs_blasint ldz);
+pcs_blasint pcs_LAPACKE_sormtr(int layout, char side, char uplo, char trans,
+                               pcs_blasint m, pcs_blasint n, const float *a,
+                               pcs_blasint lda, const float *tau, float *c,
+                               pcs_blasint ldc);
 void pcs_openblas_set_num_threads(int num_threads);
 int pcs_openblas_get_num_threads(void);
 char *pcs_openblas_get_config(void);

@@ -108,6 +108,17 @@ static double gather_centered(double *out, const PcsMatrix *mats,
     return ss;
 }
 
+static int lapack_status(pcs_blasint info)
+{
+    if (info == -1010) /* LAPACK_WORK_MEMORY_ERROR */
+        return PCS_ERR_NOMEM;
+    if (info < 0)
+        return PCS_ERR_LAPACK_ARG;
+    if (info > 0)
+        return PCS_ERR_NO_CONVERGE;
+    return PCS_OK;
+}
+
 /* Symmetric eigendecomposition of G (m, m), lower triangle in row-major
  * (= upper triangle in column-major). On return row j of G is the
  * eigenvector of w[j], w ascending. */
@@ -138,13 +149,62 @@ static int eigh(double *G, double *w, size_t m, int precision)
         info = pcs_LAPACKE_dsyevd(PCS_LAPACK_COL_MAJOR, 'V', 'U', (pcs_blasint)m,
                                   G, (pcs_blasint)m, w);
     }
-    if (info == -1010) /* LAPACK_WORK_MEMORY_ERROR */
-        return PCS_ERR_NOMEM;
-    if (info < 0)
-        return PCS_ERR_LAPACK_ARG;
-    if (info > 0)
-        return PCS_ERR_NO_CONVERGE;
-    return PCS_OK;
+    return lapack_status(info);
+}
+
+/* Covariance route, double precision: the r leading eigenvectors of G (m, m)
+ * (lower triangle in row-major, i.e. upper in column-major) as float32 rows
+ * of comps (r, m), descending, and every eigenvalue in w (m), ascending.
+ * The Householder tridiagonalisation (dsytrd) and the tridiagonal
+ * eigenproblem (dstedc) run in double, so the eigenvalues are exactly as
+ * accurate as dsyevd's. Only the back-transformation Q Z runs in float32
+ * (sormtr, half the cost of dormtr): it is a product with an orthogonal
+ * matrix, whose rounding (~eps32 per entry) does not grow with small
+ * eigenvalue gaps, and the components are stored in float32 anyway. */
+static int eigh_tridiagonal(float *comps, double *w, double *G, size_t m, size_t r)
+{
+    if (!fits_blas(m) || m > 40000)
+        return PCS_ERR_TOO_LARGE;
+    int status = PCS_OK;
+    double *e = malloc((m + 1) * sizeof(double));   /* (m-1) off-diagonal */
+    double *tau = malloc((m + 1) * sizeof(double)); /* (m-1) reflectors */
+    double *Zd = malloc(m * m * sizeof(double));    /* (m, m) eigvecs of T */
+    float *A32 = malloc(m * m * sizeof(float));     /* (m, m) reflectors */
+    float *tau32 = malloc((m + 1) * sizeof(float)); /* (m-1) */
+    if (!e || !tau || !Zd || !A32 || !tau32) {
+        status = PCS_ERR_NOMEM;
+        goto done;
+    }
+    const pcs_blasint mi = (pcs_blasint)m;
+    status = lapack_status(pcs_LAPACKE_dsytrd(PCS_LAPACK_COL_MAJOR, 'U', mi, G, mi, w, e, tau));
+    if (status)
+        goto done;
+    status = lapack_status(pcs_LAPACKE_dstedc(PCS_LAPACK_COL_MAJOR, 'I', mi, w, e, Zd, mi));
+    if (status)
+        goto done;
+    for (size_t i = 0; i < m * m; i++)
+        A32[i] = (float)G[i];
+    for (size_t i = 0; i + 1 < m; i++)
+        tau32[i] = (float)tau[i];
+    /* comps column-major (m, r): column i = eigenvector of T for the i-th
+     * largest eigenvalue; = row-major (r, m) rows. */
+    for (size_t i = 0; i < r; i++) {
+        const double *z = Zd + (m - 1 - i) * m; /* (m) */
+        float *c = comps + i * m;
+        for (size_t t = 0; t < m; t++)
+            c[t] = (float)z[t];
+    }
+    if (m > 1)
+        status = lapack_status(pcs_LAPACKE_sormtr(PCS_LAPACK_COL_MAJOR, 'L', 'U', 'N',
+                                                  mi, (pcs_blasint)r, A32, mi, tau32,
+                                                  comps, mi));
+done:
+    free(e);
+    free(tau);
+    free(Zd);
+    free(A32);
+    free(tau32);
+    return status;
 }
 
 /* Fill rows [first, r) of V (r, d) with an orthonormal completion of rows
@@ -188,26 +248,27 @@ static void complete_basis(double *V, double *colsq, size_t first, size_t r,
     }
 }
 
-/* scikit-learn's svd_flip(u_based_decision=False): the entry of largest
- * magnitude in each component is made positive; then round to float32. */
-static void flip_and_store(float *components, const double *V, size_t r,
-                           size_t d)
+/* components (r, d) = V (r, d) rounded to float32. */
+static void store_f32(float *components, const double *V, size_t r, size_t d)
+{
+    for (size_t i = 0; i < r * d; i++)
+        components[i] = (float)V[i];
+}
+
+/* scikit-learn's svd_flip(u_based_decision=False), on what we return: the
+ * entry of largest magnitude (the first, on ties) of each row is made
+ * positive. */
+static void svd_flip_rows(float *components, size_t r, size_t d)
 {
     for (size_t i = 0; i < r; i++) {
-        const double *v = V + i * d; /* (d) */
-        size_t jmax = 0;
-        double amax = -1.0;
-        for (size_t j = 0; j < d; j++) {
-            double a = fabs((double)(float)v[j]); /* decide on what we store */
-            if (a > amax) {
-                amax = a;
-                jmax = j;
-            }
-        }
-        double s = v[jmax] < 0.0 ? -1.0 : 1.0;
         float *c = components + i * d; /* (d) */
-        for (size_t j = 0; j < d; j++)
-            c[j] = (float)(s * v[j]);
+        size_t jmax = 0;
+        for (size_t j = 1; j < d; j++)
+            if (fabsf(c[j]) > fabsf(c[jmax]))
+                jmax = j;
+        if (c[jmax] < 0.0f)
+            for (size_t j = 0; j < d; j++)
+                c[j] = -c[j];
     }
 }
 
@@ -278,7 +339,13 @@ int pcs_pca_fit(float *components, double *eigvals, float *mean, double *total,
         goto done;
     }
 
-    status = eigh(G, w, m_eig, precision);
+    /* Covariance route in double: tridiagonal path, components straight
+     * into the output. Otherwise a dense eigensolve into G's rows. */
+    const int tridiag = !gram && precision == PCS_PRECISION_DOUBLE;
+    if (tridiag)
+        status = eigh_tridiagonal(components, w, G, m_eig, r);
+    else
+        status = eigh(G, w, m_eig, precision);
     if (status)
         goto done;
 
@@ -287,7 +354,6 @@ int pcs_pca_fit(float *components, double *eigvals, float *mean, double *total,
         eigvals[i] = lam > 0.0 ? lam : 0.0;
     }
 
-    double *V; /* (r, d) principal axes in double, descending */
     if (gram) {
         /* Right singular vectors from left ones: v_i = Xc^T u_i / sigma_i.
          * T (n, d) = U^T (n, n) @ Xc (n, d), rows of U^T in ascending order. */
@@ -297,7 +363,7 @@ int pcs_pca_fit(float *components, double *eigvals, float *mean, double *total,
         /* Below this the direction of Xc^T u_i is rounding noise. */
         const double eps = precision == PCS_PRECISION_SINGLE ? FLT_EPSILON : DBL_EPSILON;
         const double cutoff = eigvals[0] * eps * (double)(n > d ? n : d) * 4.0;
-        V = Xc; /* Xc is no longer needed: reuse it for V (n, d) */
+        double *V = Xc; /* (r, d); Xc is no longer needed */
         size_t first_null = r;
         for (size_t i = 0; i < r; i++) {
             if (eigvals[i] <= cutoff) {
@@ -311,21 +377,16 @@ int pcs_pca_fit(float *components, double *eigvals, float *mean, double *total,
         }
         if (first_null < r)
             complete_basis(V, colsq, first_null, r, d);
-    } else {
+        store_f32(components, V, r, d);
+    } else if (!tridiag) {
         /* Eigenvectors of the covariance are the axes; reverse the order. */
-        V = Xc;
-        if (xrows < r) { /* block buffer too small: use T for (d, d) */
-            T = malloc(r * d * sizeof(double));
-            if (!T) {
-                status = PCS_ERR_NOMEM;
-                goto done;
-            }
-            V = T;
+        for (size_t i = 0; i < r; i++) {
+            const double *g = G + (m_eig - 1 - i) * m_eig; /* (d) */
+            for (size_t j = 0; j < d; j++)
+                components[i * d + j] = (float)g[j];
         }
-        for (size_t i = 0; i < r; i++)
-            memcpy(V + i * d, G + (m_eig - 1 - i) * m_eig, d * sizeof(double));
     }
-    flip_and_store(components, V, r, d);
+    svd_flip_rows(components, r, d);
     for (size_t j = 0; j < d; j++)
         mean[j] = (float)mu[j];
 

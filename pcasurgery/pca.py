@@ -11,7 +11,7 @@ The fit, the projection and the reconstruction run in the C core
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from numbers import Integral, Real
 from typing import Any
 
@@ -215,6 +215,47 @@ class StackedPCA:
         if isinstance(matrices, Mapping):
             return dict(zip(matrices.keys(), outs))
         return outs
+
+    def iter_reconstructions(
+        self, matrices: Any, ks: Iterable[int]
+    ) -> Iterator[tuple[int, list[npt.NDArray[np.float32]]]]:
+        """Reconstruct every matrix at each rank in `ks`, for the price of one.
+
+        Yields ``(k, [X̂₁, X̂₂, ...])`` for the distinct ks in ascending order,
+        one reconstruction per input matrix (in the order of `matrices`; a
+        mapping yields its values in key order). The scores are computed once
+        up to max(ks), and each step *adds* components k_prev..k to the
+        previous reconstruction, so a whole sweep costs one rank-max(ks)
+        product instead of one per setting.
+
+        The yielded arrays are buffers reused by the next step: use them
+        (e.g. copy them into a model's weights) before advancing, and
+        ``.copy()`` any you want to keep.
+        """
+        self._check_fitted()
+        wanted = sorted({self._check_k(k, allow_zero=True) for k in ks})
+        if not wanted:
+            raise ValueError("ks is empty; expected at least one rank")
+        mats, names, _ = _as_named_list(matrices)
+        kmax = wanted[-1]
+        C = self.all_components_
+        Zs = [
+            _C.pca_project(self._check_finite_matrix(m, name), self.mean_, C, kmax)
+            if kmax > 0 else None
+            for m, name in zip(mats, names)
+        ]
+        outs: list[np.ndarray] = []
+        prev = 0
+        for k in wanted:
+            if not outs:  # first setting: mean + Z[:, :k] C[:k]
+                for m, Z in zip(mats, Zs):
+                    Zk = Z[:, :k] if Z is not None else np.zeros((np.shape(m)[0], 0), np.float32)
+                    outs.append(_C.pca_reconstruct(Zk, C, self.mean_))
+            elif k > prev:  # add components prev..k in place
+                for Z, out in zip(Zs, outs):
+                    _C.pca_reconstruct(Z[:, prev:k], C[prev:k], None, out=out)
+            prev = k
+            yield k, outs
 
     # ------------------------------------------------------------- checking
     def _check_params(self) -> None:

@@ -231,6 +231,24 @@ def test_project_and_reconstruct_match_numpy_twins(rng):
     np.testing.assert_allclose(out, p.reconstruct(X, k=20), atol=1e-5)
 
 
+def test_iter_reconstructions_equals_direct(rng):
+    Wk = make_matrix("decay", rng, 20, 48)
+    Wv = make_matrix("random", rng, 20, 48)
+    p = StackedPCA().fit([Wk, Wv])
+    seen = []
+    for k, (rk, rv) in p.iter_reconstructions([Wk, Wv], [30, 0, 5, 5, 40, 12]):
+        seen.append(k)
+        dk, dv = p.reconstruct([Wk, Wv], k=k)
+        # a running float32 sum of up to 5 products: ~5 eps32 of the scale
+        np.testing.assert_allclose(rk, dk, rtol=0, atol=1e-5 * np.abs(Wk).max())
+        np.testing.assert_allclose(rv, dv, rtol=0, atol=1e-5 * np.abs(Wv).max())
+    assert seen == [0, 5, 12, 30, 40]
+    with pytest.raises(ValueError, match="ks is empty"):
+        next(p.iter_reconstructions([Wk], []))
+    with pytest.raises(ValueError, match="k must be between 0 and 40, got 41"):
+        next(p.iter_reconstructions([Wk], [41]))
+
+
 # ------------------------------------------------------------------ bad input
 
 def test_nonfinite_names_the_matrix(rng):
