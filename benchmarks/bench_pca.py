@@ -89,10 +89,12 @@ def fit_peer(layers):
 
 
 def sweep_ours(layers, precision, dest):
-    """One fit per group, then all thresholds' reconstructions from it."""
+    """One fit per group (components up to the largest threshold), then all
+    thresholds' reconstructions from it."""
+    keep = max(THRESHOLDS)
     for L in layers:
-        pq = StackedPCA(precision=precision).fit(L["q"])
-        pkv = StackedPCA(precision=precision).fit([L["k"], L["v"]])
+        pq = StackedPCA(keep, precision=precision).fit(L["q"])
+        pkv = StackedPCA(keep, precision=precision).fit([L["k"], L["v"]])
         for p, mats in ((pq, [L["q"]]), (pkv, [L["k"], L["v"]])):
             ks = [p.n_components_for(t) for t in THRESHOLDS]
             for _, recs in p.iter_reconstructions(mats, ks):

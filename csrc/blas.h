@@ -35,7 +35,9 @@ enum { PcsUpper = 121, PcsLower = 122 };
 #define pcs_LAPACKE_dsyevd PCS_SYM(LAPACKE_dsyevd)
 #define pcs_LAPACKE_ssyevd PCS_SYM(LAPACKE_ssyevd)
 #define pcs_LAPACKE_dsytrd PCS_SYM(LAPACKE_dsytrd)
+#define pcs_LAPACKE_dsterf PCS_SYM(LAPACKE_dsterf)
 #define pcs_LAPACKE_dstedc PCS_SYM(LAPACKE_dstedc)
+#define pcs_LAPACKE_dstemr PCS_SYM(LAPACKE_dstemr)
 #define pcs_LAPACKE_sormtr PCS_SYM(LAPACKE_sormtr)
 #define pcs_openblas_set_num_threads PCS_SYM(openblas_set_num_threads)
 #define pcs_openblas_get_num_threads PCS_SYM(openblas_get_num_threads)
@@ -58,8 +60,15 @@ pcs_blasint pcs_LAPACKE_ssyevd(int layout, char jobz, char uplo, pcs_blasint n,
                                float *a, pcs_blasint lda, float *w);
 pcs_blasint pcs_LAPACKE_dsytrd(int layout, char uplo, pcs_blasint n, double *a,
                                pcs_blasint lda, double *d, double *e, double *tau);
+pcs_blasint pcs_LAPACKE_dsterf(pcs_blasint n, double *d, double *e);
 pcs_blasint pcs_LAPACKE_dstedc(int layout, char compz, pcs_blasint n, double *d,
                                double *e, double *z, pcs_blasint ldz);
+pcs_blasint pcs_LAPACKE_dstemr(int layout, char jobz, char range, pcs_blasint n,
+                               double *d, double *e, double vl, double vu,
+                               pcs_blasint il, pcs_blasint iu, pcs_blasint *m,
+                               double *w, double *z, pcs_blasint ldz,
+                               pcs_blasint nzc, pcs_blasint *isuppz,
+                               pcs_blasint *tryrac);
 pcs_blasint pcs_LAPACKE_sormtr(int layout, char side, char uplo, char trans,
                                pcs_blasint m, pcs_blasint n, const float *a,
                                pcs_blasint lda, const float *tau, float *c,

@@ -7,6 +7,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <string.h>
 
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
@@ -139,11 +140,15 @@ static PyObject *raise_status(PyObject *module, int status, const char *what)
 /* ------------------------------------------------------------------ pca_fit */
 
 PyDoc_STRVAR(pca_fit_doc,
-"pca_fit(matrices, names, center, precision, solver) -> (components, eigvals, mean, total)\n"
+"pca_fit(matrices, names, center, precision, solver, keep_k, keep_var)\n"
+"    -> (components, eigvals, mean, total)\n"
 "\n"
 "Fit a PCA on the row-stack of `matrices` (a sequence of 2-D arrays with the\n"
 "same number of columns d). `names` (a sequence of str, same length) names\n"
-"them in error messages. Returns components (r, d) float32 with r = min(n, d),\n"
+"them in error messages. Every eigenvalue is computed, and k components:\n"
+"keep_var in (0, 1) -> the fewest that keep more than that fraction of the\n"
+"variance; keep_var >= 1 -> all; keep_var <= 0 -> keep_k (0 = all).\n"
+"Returns components (k, d) float32 (k <= r = min(n, d)),\n"
 "eigvals (r,) float64 (squared singular values of the centered stack,\n"
 "descending), mean (d,) float32 (zeros when not center) and total (float, the\n"
 "squared Frobenius norm of the centered stack). precision: 0 = double\n"
@@ -153,9 +158,15 @@ static PyObject *pca_fit(PyObject *module, PyObject *args)
 {
     PyObject *seq_obj, *names_obj, *result = NULL;
     int center, precision, solver;
-    if (!PyArg_ParseTuple(args, "OOpii:pca_fit", &seq_obj, &names_obj, &center,
-                          &precision, &solver))
+    Py_ssize_t keep_k;
+    double keep_var;
+    if (!PyArg_ParseTuple(args, "OOpiind:pca_fit", &seq_obj, &names_obj, &center,
+                          &precision, &solver, &keep_k, &keep_var))
         return NULL;
+    if (keep_k < 0 || keep_var != keep_var) {
+        PyErr_SetString(PyExc_ValueError, "keep_k must be >= 0 and keep_var a number");
+        return NULL;
+    }
     if (solver < PCS_SOLVER_AUTO || solver > PCS_SOLVER_COVARIANCE) {
         PyErr_Format(PyExc_ValueError, "solver must be 0 (auto), 1 (gram) or 2 (covariance), got %d",
                      solver);
@@ -233,12 +244,13 @@ static PyObject *pca_fit(PyObject *module, PyObject *args)
         goto done;
 
     double total = 0.0;
+    size_t k = 0;
     PcsWhere where = {0, 0, 0};
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = pcs_pca_fit((float *)PyArray_DATA(comp), (double *)PyArray_DATA(eig),
-                         (float *)PyArray_DATA(mean), &total, mats, (size_t)M, d,
-                         center, precision, solver, &where);
+                         (float *)PyArray_DATA(mean), &total, &k, mats, (size_t)M, d,
+                         center, precision, solver, (size_t)keep_k, keep_var, &where);
     Py_END_ALLOW_THREADS
     if (status == PCS_ERR_NONFINITE) {
         PyErr_Format(PyExc_ValueError,
@@ -257,6 +269,14 @@ static PyObject *pca_fit(PyObject *module, PyObject *args)
     if (status) {
         raise_status(module, status, "pca_fit");
         goto done;
+    }
+    if (k < r) { /* keep only the k rows computed, in an array of their own */
+        npy_intp kdims[2] = {(npy_intp)k, (npy_intp)d};
+        PyArrayObject *ck = (PyArrayObject *)PyArray_SimpleNew(2, kdims, NPY_FLOAT32);
+        if (!ck)
+            goto done;
+        memcpy(PyArray_DATA(ck), PyArray_DATA(comp), k * d * sizeof(float));
+        Py_SETREF(comp, ck);
     }
     result = Py_BuildValue("OOOd", comp, eig, mean, total);
 

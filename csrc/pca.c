@@ -152,59 +152,141 @@ static int eigh(double *G, double *w, size_t m, int precision)
     return lapack_status(info);
 }
 
-/* Covariance route, double precision: the r leading eigenvectors of G (m, m)
- * (lower triangle in row-major, i.e. upper in column-major) as float32 rows
- * of comps (r, m), descending, and every eigenvalue in w (m), ascending.
- * The Householder tridiagonalisation (dsytrd) and the tridiagonal
- * eigenproblem (dstedc) run in double, so the eigenvalues are exactly as
- * accurate as dsyevd's. Only the back-transformation Q Z runs in float32
- * (sormtr, half the cost of dormtr): it is a product with an orthogonal
- * matrix, whose rounding (~eps32 per entry) does not grow with small
- * eigenvalue gaps, and the components are stored in float32 anyway. */
-static int eigh_tridiagonal(float *comps, double *w, double *G, size_t m, size_t r)
+/* Covariance route, double precision, in two halves around the choice of k.
+ * The Householder tridiagonalisation (dsytrd) and every eigenvalue (dsterf)
+ * are double, exactly as accurate as dsyevd's. The k leading eigenvectors
+ * of the tridiagonal matrix T are double too: MRRR (dstemr, O(m k) work but
+ * single-threaded, ~0.4 ms a vector at m = 2048) for a few, divide and
+ * conquer (dstedc, all m at BLAS-3 speed, ~0.17 s at m = 2048) past m / 5;
+ * only the back-transformation Q Z runs in float32 (sormtr, half the cost of
+ * dormtr): it is a product with an orthogonal matrix, whose rounding
+ * (~eps32 per entry) does not grow with small eigenvalue gaps, and the
+ * components are stored in float32 anyway. */
+typedef struct {
+    size_t m;
+    double *G;     /* (m, m) borrowed: Householder reflectors after dsytrd */
+    double *diag;  /* (m) diagonal of T */
+    double *off;   /* (m) off-diagonal of T (m-1 used) */
+    double *tau;   /* (m) reflector scalars (m-1 used) */
+} Tridiag;
+
+static void tridiag_free(Tridiag *t)
 {
-    if (!fits_blas(m) || m > 40000)
+    free(t->diag);
+    free(t->off);
+    free(t->tau);
+}
+
+/* T = Q^T G Q; w (m) = eigenvalues of G, ascending. */
+static int tridiag_eigvals(Tridiag *t, double *w, double *G, size_t m)
+{
+    if (!fits_blas(m))
         return PCS_ERR_TOO_LARGE;
+    t->m = m;
+    t->G = G;
+    t->diag = malloc(m * sizeof(double));
+    t->off = malloc(m * sizeof(double));
+    t->tau = malloc(m * sizeof(double));
+    if (!t->diag || !t->off || !t->tau)
+        return PCS_ERR_NOMEM;
+    const pcs_blasint mi = (pcs_blasint)m;
+    int status = lapack_status(
+        pcs_LAPACKE_dsytrd(PCS_LAPACK_COL_MAJOR, 'U', mi, G, mi, t->diag, t->off, t->tau));
+    if (status)
+        return status;
+    /* dsterf destroys its inputs: work on copies (T is needed again) */
+    double *off = malloc(m * sizeof(double)); /* (m) */
+    if (!off)
+        return PCS_ERR_NOMEM;
+    memcpy(w, t->diag, m * sizeof(double));
+    memcpy(off, t->off, m * sizeof(double));
+    status = lapack_status(pcs_LAPACKE_dsterf(mi, w, off));
+    free(off);
+    return status;
+}
+
+/* comps (k, m) float32 = the eigenvectors of G for its k largest
+ * eigenvalues, descending. */
+static int tridiag_eigvecs(float *comps, const Tridiag *t, size_t k)
+{
+    const size_t m = t->m;
+    const pcs_blasint mi = (pcs_blasint)m, ki = (pcs_blasint)k;
     int status = PCS_OK;
-    double *e = malloc((m + 1) * sizeof(double));   /* (m-1) off-diagonal */
-    double *tau = malloc((m + 1) * sizeof(double)); /* (m-1) reflectors */
-    double *Zd = malloc(m * m * sizeof(double));    /* (m, m) eigvecs of T */
-    float *A32 = malloc(m * m * sizeof(float));     /* (m, m) reflectors */
-    float *tau32 = malloc((m + 1) * sizeof(float)); /* (m-1) */
-    if (!e || !tau || !Zd || !A32 || !tau32) {
+    double *d = malloc(m * sizeof(double));       /* (m) copy of diag */
+    double *e = malloc(m * sizeof(double));       /* (m) copy of off */
+    double *w = malloc(m * sizeof(double));       /* (m) */
+    const int all = k * 5 >= m; /* dstedc for all m, else dstemr for k */
+    double *Z = malloc(m * (all ? m : k) * sizeof(double)); /* (m, k|m) col-major */
+    pcs_blasint *isuppz = malloc(2 * k * sizeof(pcs_blasint));
+    float *A32 = malloc(m * m * sizeof(float));   /* (m, m) reflectors */
+    float *tau32 = malloc(m * sizeof(float));     /* (m) */
+    if (!d || !e || !w || !Z || !isuppz || !A32 || !tau32) {
         status = PCS_ERR_NOMEM;
         goto done;
     }
-    const pcs_blasint mi = (pcs_blasint)m;
-    status = lapack_status(pcs_LAPACKE_dsytrd(PCS_LAPACK_COL_MAJOR, 'U', mi, G, mi, w, e, tau));
-    if (status)
-        goto done;
-    status = lapack_status(pcs_LAPACKE_dstedc(PCS_LAPACK_COL_MAJOR, 'I', mi, w, e, Zd, mi));
-    if (status)
-        goto done;
-    for (size_t i = 0; i < m * m; i++)
-        A32[i] = (float)G[i];
-    for (size_t i = 0; i + 1 < m; i++)
-        tau32[i] = (float)tau[i];
-    /* comps column-major (m, r): column i = eigenvector of T for the i-th
-     * largest eigenvalue; = row-major (r, m) rows. */
-    for (size_t i = 0; i < r; i++) {
-        const double *z = Zd + (m - 1 - i) * m; /* (m) */
-        float *c = comps + i * m;
-        for (size_t t = 0; t < m; t++)
-            c[t] = (float)z[t];
+    memcpy(d, t->diag, m * sizeof(double));
+    memcpy(e, t->off, m * sizeof(double));
+    if (all) {
+        status = lapack_status(pcs_LAPACKE_dstedc(PCS_LAPACK_COL_MAJOR, 'I', mi, d, e, Z, mi));
+    } else {
+        pcs_blasint found = 0, tryrac = 1;
+        status = lapack_status(pcs_LAPACKE_dstemr(PCS_LAPACK_COL_MAJOR, 'V', 'I', mi, d, e,
+                                                  0.0, 0.0, mi - ki + 1, mi, &found, w, Z,
+                                                  mi, ki, isuppz, &tryrac));
+        if (!status && (size_t)found != k)
+            status = PCS_ERR_NO_CONVERGE;
     }
+    if (status)
+        goto done;
+    /* comps column-major (m, k), column i = eigenvector of the i-th largest
+     * (Z holds the last `nz` ascending), i.e. row-major (k, m) rows. */
+    const size_t nz = all ? m : k;
+    for (size_t i = 0; i < k; i++) {
+        const double *z = Z + (nz - 1 - i) * m; /* (m) */
+        float *c = comps + i * m;
+        for (size_t j = 0; j < m; j++)
+            c[j] = (float)z[j];
+    }
+    for (size_t i = 0; i < m * m; i++)
+        A32[i] = (float)t->G[i];
+    for (size_t i = 0; i < m; i++)
+        tau32[i] = (float)t->tau[i];
     if (m > 1)
-        status = lapack_status(pcs_LAPACKE_sormtr(PCS_LAPACK_COL_MAJOR, 'L', 'U', 'N',
-                                                  mi, (pcs_blasint)r, A32, mi, tau32,
-                                                  comps, mi));
+        status = lapack_status(pcs_LAPACKE_sormtr(PCS_LAPACK_COL_MAJOR, 'L', 'U', 'N', mi,
+                                                  ki, A32, mi, tau32, comps, mi));
 done:
+    free(d);
     free(e);
-    free(tau);
-    free(Zd);
+    free(w);
+    free(Z);
+    free(isuppz);
     free(A32);
     free(tau32);
     return status;
+}
+
+/* Components to keep: keep_var in (0, 1) -> scikit-learn's rule, the fewest
+ * whose cumulative ratio exceeds keep_var (searchsorted(cumsum(ratio), t,
+ * side="right") + 1, with the same double operations as numpy.cumsum);
+ * keep_var >= 1 -> all r; otherwise keep_k (0 = all). */
+static size_t choose_k(const double *eigvals, size_t r, double total, size_t keep_k,
+                       double keep_var)
+{
+    if (keep_var > 0.0) {
+        if (keep_var >= 1.0)
+            return r;
+        double cum = 0.0;
+        size_t below = 0; /* entries of the cumsum <= keep_var */
+        for (size_t i = 0; i < r; i++) {
+            cum += eigvals[i] / total;
+            if (cum <= keep_var)
+                below++;
+            else
+                break;
+        }
+        return below + 1 < r ? below + 1 : r;
+    }
+    return keep_k == 0 || keep_k > r ? r : keep_k;
 }
 
 /* Fill rows [first, r) of V (r, d) with an orthonormal completion of rows
@@ -273,8 +355,9 @@ static void svd_flip_rows(float *components, size_t r, size_t d)
 }
 
 int pcs_pca_fit(float *components, double *eigvals, float *mean, double *total,
-                const PcsMatrix *mats, size_t n_mats, size_t d, int center,
-                int precision, int solver, PcsWhere *where)
+                size_t *k_out, const PcsMatrix *mats, size_t n_mats, size_t d,
+                int center, int precision, int solver, size_t keep_k,
+                double keep_var, PcsWhere *where)
 {
     int status = PCS_OK;
     size_t n = 0;
@@ -286,26 +369,26 @@ int pcs_pca_fit(float *components, double *eigvals, float *mean, double *total,
     const int gram = solver == PCS_SOLVER_GRAM || (solver == PCS_SOLVER_AUTO && n < d);
     const size_t m_eig = gram ? n : d;
     const size_t r = n < d ? n : d;
-    if (!fits_blas(n) || !fits_blas(d) || !fits_blas(n * d))
-        return PCS_ERR_TOO_LARGE;
+    /* Covariance route in double: the tridiagonal path. Otherwise a dense
+     * eigensolve whose eigenvectors overwrite G's rows. */
+    const int tridiag = !gram && precision == PCS_PRECISION_DOUBLE;
+    if (!fits_blas(n) || !fits_blas(d) || !fits_blas(n * d) || m_eig > 40000)
+        return PCS_ERR_TOO_LARGE; /* 40000: dsyevd's integer workspace 2m^2 */
 
     double *mu = NULL;    /* (d) column mean, double */
     double *G = NULL;     /* (m, m) Gram or covariance; then eigenvectors */
     double *w = NULL;     /* (m) eigenvalues, ascending */
     double *Xc = NULL;    /* Gram: (n, d) centered stack; covariance: (B, d) */
-    double *T = NULL;     /* Gram: (n, d) eigenvectors^T @ Xc */
+    double *T = NULL;     /* Gram: (k, d) eigenvectors^T @ Xc */
     double *colsq = NULL; /* (d) workspace of complete_basis */
+    Tridiag tri = {0};
     const size_t xrows = gram ? n : (n < ROW_BLOCK ? n : ROW_BLOCK);
 
     mu = calloc(d, sizeof(double));
     G = malloc(m_eig * m_eig * sizeof(double));
     w = malloc(m_eig * sizeof(double));
     Xc = malloc(xrows * d * sizeof(double));
-    if (gram) {
-        T = malloc(n * d * sizeof(double));
-        colsq = malloc(d * sizeof(double));
-    }
-    if (!mu || !G || !w || !Xc || (gram && (!T || !colsq))) {
+    if (!mu || !G || !w || !Xc) {
         status = PCS_ERR_NOMEM;
         goto done;
     }
@@ -339,58 +422,67 @@ int pcs_pca_fit(float *components, double *eigvals, float *mean, double *total,
         goto done;
     }
 
-    /* Covariance route in double: tridiagonal path, components straight
-     * into the output. Otherwise a dense eigensolve into G's rows. */
-    const int tridiag = !gram && precision == PCS_PRECISION_DOUBLE;
-    if (tridiag)
-        status = eigh_tridiagonal(components, w, G, m_eig, r);
-    else
-        status = eigh(G, w, m_eig, precision);
+    /* 1. every eigenvalue */
+    status = tridiag ? tridiag_eigvals(&tri, w, G, m_eig) : eigh(G, w, m_eig, precision);
     if (status)
         goto done;
-
     for (size_t i = 0; i < r; i++) { /* the r largest of the m_eig */
         double lam = w[m_eig - 1 - i];
         eigvals[i] = lam > 0.0 ? lam : 0.0;
     }
+    const size_t k = choose_k(eigvals, r, ss, keep_k, keep_var);
+    *k_out = k;
 
-    if (gram) {
+    /* 2. the k leading components */
+    if (tridiag) {
+        status = tridiag_eigvecs(components, &tri, k);
+        if (status)
+            goto done;
+    } else if (gram) {
         /* Right singular vectors from left ones: v_i = Xc^T u_i / sigma_i.
-         * T (n, d) = U^T (n, n) @ Xc (n, d), rows of U^T in ascending order. */
-        pcs_cblas_dgemm(PcsRowMajor, PcsNoTrans, PcsNoTrans, (pcs_blasint)n,
-                        (pcs_blasint)d, (pcs_blasint)n, 1.0, G, (pcs_blasint)n,
-                        Xc, (pcs_blasint)d, 0.0, T, (pcs_blasint)d);
+         * T (k, d) = U_k^T (k, n) @ Xc (n, d), with U_k^T the last k rows of
+         * G (eigenvectors in ascending order). */
+        T = malloc(k * d * sizeof(double));
+        colsq = malloc(d * sizeof(double));
+        if (!T || !colsq) {
+            status = PCS_ERR_NOMEM;
+            goto done;
+        }
+        pcs_cblas_dgemm(PcsRowMajor, PcsNoTrans, PcsNoTrans, (pcs_blasint)k,
+                        (pcs_blasint)d, (pcs_blasint)n, 1.0, G + (m_eig - k) * m_eig,
+                        (pcs_blasint)n, Xc, (pcs_blasint)d, 0.0, T, (pcs_blasint)d);
         /* Below this the direction of Xc^T u_i is rounding noise. */
         const double eps = precision == PCS_PRECISION_SINGLE ? FLT_EPSILON : DBL_EPSILON;
         const double cutoff = eigvals[0] * eps * (double)(n > d ? n : d) * 4.0;
-        double *V = Xc; /* (r, d); Xc is no longer needed */
-        size_t first_null = r;
-        for (size_t i = 0; i < r; i++) {
+        double *V = Xc; /* (k, d); Xc is no longer needed and k <= n */
+        size_t first_null = k;
+        for (size_t i = 0; i < k; i++) {
             if (eigvals[i] <= cutoff) {
                 first_null = i;
                 break;
             }
-            const double *t = T + (m_eig - 1 - i) * d; /* (d) */
+            const double *t = T + (k - 1 - i) * d; /* (d) */
             double inv = 1.0 / sqrt(eigvals[i]);
             for (size_t j = 0; j < d; j++)
                 V[i * d + j] = t[j] * inv;
         }
-        if (first_null < r)
-            complete_basis(V, colsq, first_null, r, d);
-        store_f32(components, V, r, d);
-    } else if (!tridiag) {
+        if (first_null < k)
+            complete_basis(V, colsq, first_null, k, d);
+        store_f32(components, V, k, d);
+    } else {
         /* Eigenvectors of the covariance are the axes; reverse the order. */
-        for (size_t i = 0; i < r; i++) {
+        for (size_t i = 0; i < k; i++) {
             const double *g = G + (m_eig - 1 - i) * m_eig; /* (d) */
             for (size_t j = 0; j < d; j++)
                 components[i * d + j] = (float)g[j];
         }
     }
-    svd_flip_rows(components, r, d);
+    svd_flip_rows(components, k, d);
     for (size_t j = 0; j < d; j++)
         mean[j] = (float)mu[j];
 
 done:
+    tridiag_free(&tri);
     free(mu);
     free(G);
     free(w);

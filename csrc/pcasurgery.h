@@ -49,20 +49,28 @@ typedef struct {
     size_t matrix, row, col;
 } PcsWhere;
 
-/* Fit a PCA on the M matrices stacked by rows.
- *   components (r, d)  rows = principal axes, descending variance, svd_flip signs
+/* Fit a PCA on the M matrices stacked by rows: every eigenvalue, and the
+ * k leading components only.
+ *   components (r, d)  capacity; the first k rows are filled: principal axes,
+ *                      descending variance, svd_flip signs
  *   eigvals    (r)     squared singular values of the (centered) stack,
  *                      i.e. sum over samples of the squared scores, descending
  *   mean       (d)     column mean of the stack (zeros when !center)
  *   total      (1)     squared Frobenius norm of the (centered) stack, in double
- * precision: PCS_PRECISION_DOUBLE eigensolves the double Gram/covariance matrix
- *   (relative accuracy ~1e-12 on every eigenvalue above 1e-10 of the largest);
- *   PCS_PRECISION_SINGLE rounds it to float32 first (about twice as fast,
- *   eigenvalues accurate to ~1e-7 of the largest only).
+ *   k_out      (1)     k, the number of components computed:
+ *                      keep_var in (0, 1): the fewest whose cumulative ratio
+ *                      exceeds keep_var (scikit-learn's rule); keep_var >= 1:
+ *                      all r; keep_var <= 0: keep_k (0 = all r)
+ * precision: PCS_PRECISION_DOUBLE keeps the eigensolve in double (every
+ *   eigenvalue above ~1e-10 of the largest to ~1e-10 relative accuracy);
+ *   PCS_PRECISION_SINGLE rounds the Gram/covariance matrix to float32 first
+ *   (faster; eigenvalues accurate to ~1e-7 of the largest only).
+ * solver: PCS_SOLVER_* (which symmetric eigenproblem).
  * Memory: allocates its own workspace; the caller's buffers are outputs only. */
 int pcs_pca_fit(float *components, double *eigvals, float *mean, double *total,
-                const PcsMatrix *mats, size_t n_mats, size_t d, int center,
-                int precision, int solver, PcsWhere *where);
+                size_t *k_out, const PcsMatrix *mats, size_t n_mats, size_t d,
+                int center, int precision, int solver, size_t keep_k,
+                double keep_var, PcsWhere *where);
 
 /* Z (n, k) = (X (n, d) - mean (d)) @ C_k^T (d, k); Z has row stride ldz. */
 int pcs_pca_project(float *Z, size_t ldz, const float *X, size_t ldx,

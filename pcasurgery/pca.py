@@ -55,14 +55,16 @@ class StackedPCA:
     Parameters
     ----------
     n_components : None, int or float
-        How many components :meth:`transform` and :meth:`reconstruct` use by
-        default. ``None``: all ``min(n_samples, n_features)``. An int k in
+        How many components to compute and keep. ``None``: all
+        ``min(n_samples, n_features)``. An int k in
         ``[1, min(n_samples, n_features)]``: the first k. A float t in (0, 1]:
         the fewest components whose cumulative explained-variance ratio
         exceeds t, i.e. the fraction of variance **kept** (``--var 0.3``
-        keeps 30%); 1.0 means all. Every component is computed whatever this
-        is, so :meth:`n_components_for` and ``reconstruct(k=...)`` can use any
-        other count without a refit.
+        keeps 30%); 1.0 means all. The whole spectrum is computed whatever
+        this is, so :meth:`n_components_for` answers any threshold without a
+        refit, and :meth:`transform`, :meth:`reconstruct` and
+        :meth:`iter_reconstructions` accept any rank up to n_components_.
+        Fewer components make the fit faster (only they are back-transformed).
     center : bool
         True (default): subtract the column mean first and add it back on
         reconstruction, as scikit-learn's PCA does. False: plain SVD of the
@@ -92,9 +94,10 @@ class StackedPCA:
     singular_values_ : (n_components_,) float64
     mean_ : (n_features,) float32
     n_components_, n_samples_, n_features_in_ : int
-    all_components_, all_explained_variance_, all_explained_variance_ratio_
-        The same for every one of the ``min(n_samples, n_features)``
-        components, whatever n_components is.
+    all_explained_variance_, all_explained_variance_ratio_ : (min(n_samples, n_features),) float64
+        The whole spectrum, whatever n_components is.
+    total_variance_ : float
+        Total variance of the stack (the sum of all_explained_variance_).
     """
 
     def __init__(
@@ -117,19 +120,30 @@ class StackedPCA:
         Their rows are stacked as samples. Returns self."""
         self._check_params()
         mats, names, _ = _as_named_list(matrices)
+        n = self.n_components
+        keep_k, keep_var = (0, 0.0) if n is None else (
+            (int(n), 0.0) if isinstance(n, Integral) else (0, float(n)))
+        if keep_k:  # check the rank against the data before the work
+            r = self._stack_min_dim(mats)
+            if r is not None and keep_k > r:
+                raise ValueError(
+                    f"n_components={keep_k} must be between 1 and "
+                    f"min(n_samples, n_features)={r}"
+                )
         comps, eig, mean, total = _C.pca_fit(
-            mats, names, bool(self.center), _PRECISIONS[self.precision], _SOLVERS[self.solver]
+            mats, names, bool(self.center), _PRECISIONS[self.precision],
+            _SOLVERS[self.solver], keep_k, keep_var,
         )
         n_samples = sum(int(np.shape(m)[0]) for m in mats)
         self.n_samples_ = n_samples
         self.n_features_in_ = int(comps.shape[1])
         self.mean_ = mean
-        self.all_components_ = comps
+        self.components_ = comps
+        self.n_components_ = int(comps.shape[0])
         denom = max(n_samples - 1, 1)
         self.all_explained_variance_ = eig / denom
         self.all_explained_variance_ratio_ = eig / total
         self.total_variance_ = total / denom
-        self.n_components_ = self._resolve_n_components(self.n_components)
         return self
 
     def fit_transform(self, matrices: Any) -> npt.NDArray[np.float32]:
@@ -139,10 +153,6 @@ class StackedPCA:
         return np.concatenate([self.transform(m) for m in mats], axis=0)
 
     # --------------------------------------------------- derived attributes
-    @property
-    def components_(self) -> npt.NDArray[np.float32]:
-        return self.all_components_[: self.n_components_]
-
     @property
     def explained_variance_(self) -> npt.NDArray[np.float64]:
         return self.all_explained_variance_[: self.n_components_]
@@ -157,8 +167,8 @@ class StackedPCA:
 
     @property
     def max_components_(self) -> int:
-        """min(n_samples, n_features): the number of components computed."""
-        return int(self.all_components_.shape[0])
+        """min(n_samples, n_features): the size of the spectrum."""
+        return int(self.all_explained_variance_ratio_.shape[0])
 
     def n_components_for(self, threshold: float) -> int:
         """Components needed to keep `threshold` of the variance, without a refit.
@@ -181,17 +191,17 @@ class StackedPCA:
         self._check_fitted()
         k = self._check_k(k)
         X = self._check_finite_matrix(X, "X")
-        return _C.pca_project(X, self.mean_, self.all_components_, k)
+        return _C.pca_project(X, self.mean_, self.components_, k)
 
     def inverse_transform(self, Z: npt.ArrayLike) -> npt.NDArray[np.float32]:
-        """X̂ (n, d) = Z (n, k) @ components[:k] + mean_, for any k = Z.shape[1] <= max_components_."""
+        """X̂ (n, d) = Z (n, k) @ components[:k] + mean_, for any k = Z.shape[1] <= n_components_."""
         self._check_fitted()
         Z = self._check_finite_matrix(Z, "Z")
-        if Z.shape[1] > self.max_components_:
+        if Z.shape[1] > self.n_components_:
             raise ValueError(
-                f"Z has {Z.shape[1]} columns but only {self.max_components_} components exist"
+                f"Z has {Z.shape[1]} columns but only {self.n_components_} components were kept"
             )
-        return _C.pca_reconstruct(Z, self.all_components_, self.mean_)
+        return _C.pca_reconstruct(Z, self.components_, self.mean_)
 
     def reconstruct(
         self, matrices: Any, k: int | None = None
@@ -200,7 +210,7 @@ class StackedPCA:
 
         X̂ = (X - mean_) Cₖᵀ Cₖ + mean_. Returns the same shape of container it
         was given: one array, a list (one reconstruction per input matrix), or a
-        dict by name. Any k in [0, max_components_] works from the one fit.
+        dict by name. Any k in [0, n_components_] works from the one fit.
         """
         self._check_fitted()
         k = self._check_k(k, allow_zero=True)
@@ -208,8 +218,8 @@ class StackedPCA:
         outs = []
         for m, name in zip(mats, names):
             X = self._check_finite_matrix(m, name)
-            Z = _C.pca_project(X, self.mean_, self.all_components_, k)
-            outs.append(_C.pca_reconstruct(Z, self.all_components_, self.mean_))
+            Z = _C.pca_project(X, self.mean_, self.components_, k)
+            outs.append(_C.pca_reconstruct(Z, self.components_, self.mean_))
         if single:
             return outs[0]
         if isinstance(matrices, Mapping):
@@ -238,7 +248,7 @@ class StackedPCA:
             raise ValueError("ks is empty; expected at least one rank")
         mats, names, _ = _as_named_list(matrices)
         kmax = wanted[-1]
-        C = self.all_components_
+        C = self.components_
         Zs = [
             _C.pca_project(self._check_finite_matrix(m, name), self.mean_, C, kmax)
             if kmax > 0 else None
@@ -280,20 +290,20 @@ class StackedPCA:
         else:
             _check_threshold(n, "n_components")
 
-    def _resolve_n_components(self, n: int | float | None) -> int:
-        r = self.max_components_
-        if n is None:
-            return r
-        if isinstance(n, Integral):
-            if not 1 <= n <= r:
-                raise ValueError(
-                    f"n_components={n} must be between 1 and min(n_samples, n_features)={r}"
-                )
-            return int(n)
-        return self.n_components_for(float(n))
+    @staticmethod
+    def _stack_min_dim(mats: list[Any]) -> int | None:
+        """min(total rows, columns) of the stack when the shapes say so, else None
+        (the C core then reports what is wrong with the input)."""
+        try:
+            shapes = [np.shape(m) for m in mats]
+        except Exception:
+            return None
+        if not shapes or any(len(s) != 2 for s in shapes):
+            return None
+        return min(sum(s[0] for s in shapes), shapes[0][1])
 
     def _check_fitted(self) -> None:
-        if not hasattr(self, "all_components_"):
+        if not hasattr(self, "components_"):
             raise AttributeError("this StackedPCA is not fitted yet; call fit(matrices) first")
 
     def _check_k(self, k: Any, allow_zero: bool = False) -> int:
@@ -302,8 +312,11 @@ class StackedPCA:
         if isinstance(k, bool) or not isinstance(k, Integral):
             raise TypeError(f"k must be an int, got {type(k).__name__}")
         lo = 0 if allow_zero else 1
-        if not lo <= k <= self.max_components_:
-            raise ValueError(f"k must be between {lo} and {self.max_components_}, got {k}")
+        if not lo <= k <= self.n_components_:
+            hint = ("" if self.n_components_ == self.max_components_ else
+                    f" (only {self.n_components_} of {self.max_components_} components were "
+                    "kept; fit with n_components=None for all)")
+            raise ValueError(f"k must be between {lo} and {self.n_components_}, got {k}{hint}")
         return int(k)
 
     def _check_finite_matrix(self, X: Any, name: str) -> np.ndarray:

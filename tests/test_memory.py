@@ -31,9 +31,9 @@ def test_refcounts_and_rss_flat_over_1000_calls():
         Z = p.transform(Wk)
         p.inverse_transform(Z)
         p.reconstruct([Wk, W64], k=5)
-        pcasurgery._C.pca_fit(mats, names, True, 0, 0)
+        pcasurgery._C.pca_fit(mats, names, True, 0, 0, 0, 0.0)
         try:  # the error path must release what it took too
-            pcasurgery._C.pca_fit([Wk, Wv[:, :10]], names, True, 0, 0)
+            pcasurgery._C.pca_fit([Wk, Wv[:, :10]], names, True, 0, 0, 0, 0.0)
         except ValueError:
             pass
 
@@ -52,5 +52,5 @@ def test_refcounts_and_rss_flat_over_1000_calls():
     if "libasan" not in os.environ.get("LD_PRELOAD", ""):
         assert rss_bytes() - rss0 < 4 * 2**20
     # Fresh outputs are owned only by the caller.
-    comps, eig, mean, _ = pcasurgery._C.pca_fit(mats, names, True, 0, 0)
+    comps, eig, mean, _ = pcasurgery._C.pca_fit(mats, names, True, 0, 0, 0, 0.0)
     assert sys.getrefcount(comps) == 2 and sys.getrefcount(eig) == 2 and sys.getrefcount(mean) == 2

@@ -147,7 +147,7 @@ def test_gram_and_covariance_routes_agree(n, d, kind, rng):
                                        atol=1e-5 * np.abs(X).max())
     # Components are orthonormal on both routes (null directions completed).
     for p in (g, c):
-        V = p.all_components_.astype(np.float64)
+        V = p.components_.astype(np.float64)
         np.testing.assert_allclose(V @ V.T, np.eye(len(V)), atol=1e-5)
 
 
@@ -157,7 +157,7 @@ def test_stacked_list_equals_vstack(rng):
     a = StackedPCA().fit([Wk, Wv])
     b = StackedPCA().fit([np.vstack([Wk, Wv])])
     # Same rows in the same order: the same arithmetic, bit for bit.
-    np.testing.assert_array_equal(a.all_components_, b.all_components_)
+    np.testing.assert_array_equal(a.components_, b.components_)
     np.testing.assert_array_equal(a.all_explained_variance_, b.all_explained_variance_)
     np.testing.assert_array_equal(a.mean_, b.mean_)
     rk, rv = a.reconstruct([Wk, Wv], k=10)
@@ -192,23 +192,32 @@ def test_single_precision_is_close_but_loses_the_tail(rng):
         assert abs(s.n_components_for(t) - d.n_components_for(t)) <= 1
 
 
-def test_n_components_semantics(rng):
+@pytest.mark.parametrize("solver", ["gram", "covariance"])
+@pytest.mark.parametrize("precision", ["double", "single"])
+def test_n_components_semantics(solver, precision, rng):
     X = make_matrix("decay", rng, 60, 40)
-    full = StackedPCA().fit(X)
-    assert full.n_components_ == 40
-    assert StackedPCA(7).fit(X).n_components_ == 7
-    assert StackedPCA(1.0).fit(X).n_components_ == 40
-    p = StackedPCA(0.3).fit(X)
+    full = StackedPCA(solver=solver, precision=precision).fit(X)
+    assert full.n_components_ == 40 == full.max_components_
+    seven = StackedPCA(7, solver=solver, precision=precision).fit(X)
+    assert seven.n_components_ == 7 and seven.components_.shape == (7, 40)
+    assert StackedPCA(1.0, solver=solver, precision=precision).fit(X).n_components_ == 40
+    p = StackedPCA(0.3, solver=solver, precision=precision).fit(X)
     cum = np.cumsum(full.explained_variance_ratio_)
     k = p.n_components_
     # --var 0.3 keeps (at least) 30% of the variance, with the fewest components.
     assert cum[k - 1] > 0.3 and (k == 1 or cum[k - 2] <= 0.3)
-    assert k == sk_fit(X, 0.3).n_components_
-    assert p.components_.shape == (k, 40) and p.all_components_.shape == (40, 40)
+    assert k == sk_fit(X, 0.3).n_components_ == full.n_components_for(0.3)
+    # Only the kept components are computed; the whole spectrum always is.
+    assert p.components_.shape == (k, 40)
+    np.testing.assert_array_equal(p.all_explained_variance_ratio_, full.all_explained_variance_ratio_)
+    assert p.n_components_for(0.9) == full.n_components_for(0.9)
+    # The same leading components as a full fit (computed for fewer columns).
+    np.testing.assert_allclose(seven.components_, full.components_[:7], atol=1e-6)
+    np.testing.assert_allclose(p.reconstruct(X), full.reconstruct(X, k=k), atol=1e-5 * np.abs(X).max())
     assert p.transform(X).shape == (60, k)
-    # any other k from the same fit
-    assert p.transform(X, k=12).shape == (60, 12)
-    np.testing.assert_array_equal(p.reconstruct(X, k=12), full.reconstruct(X, k=12))
+    assert p.transform(X, k=1).shape == (60, 1)
+    with pytest.raises(ValueError, match=rf"k must be between 0 and {k}, got {k + 1} \(only {k} of 40 components were kept"):
+        p.reconstruct(X, k=k + 1)
     Z = p.fit_transform(X)
     np.testing.assert_allclose(p.inverse_transform(Z), p.reconstruct(X), atol=1e-6)
 
@@ -217,17 +226,17 @@ def test_project_and_reconstruct_match_numpy_twins(rng):
     """Each C kernel against its slow NumPy twin."""
     X = make_matrix("random", rng, 70, 33)
     p = StackedPCA().fit(X)
-    C = p.all_components_.astype(np.float64)
+    C = p.components_.astype(np.float64)
     mean = p.mean_.astype(np.float64)
     for k in (0, 1, 9, 33):
-        Z = pcasurgery._C.pca_project(X, p.mean_, p.all_components_, k)
+        Z = pcasurgery._C.pca_project(X, p.mean_, p.components_, k)
         np.testing.assert_allclose(Z, (X - mean) @ C[:k].T, atol=1e-5)
-        R = pcasurgery._C.pca_reconstruct(Z, p.all_components_, p.mean_)
+        R = pcasurgery._C.pca_reconstruct(Z, p.components_, p.mean_)
         np.testing.assert_allclose(R, Z.astype(np.float64) @ C[:k] + mean, atol=1e-5)
     # accumulate mode: adding components k0..k1 to a rank-k0 reconstruction
     Z = p.transform(X, k=33)
-    out = pcasurgery._C.pca_reconstruct(np.ascontiguousarray(Z[:, :5]), p.all_components_, p.mean_)
-    pcasurgery._C.pca_reconstruct(Z[:, 5:20], p.all_components_[5:20], None, out=out)
+    out = pcasurgery._C.pca_reconstruct(np.ascontiguousarray(Z[:, :5]), p.components_, p.mean_)
+    pcasurgery._C.pca_reconstruct(Z[:, 5:20], p.components_[5:20], None, out=out)
     np.testing.assert_allclose(out, p.reconstruct(X, k=20), atol=1e-5)
 
 
@@ -284,7 +293,7 @@ def test_bad_shapes(rng):
     p = StackedPCA().fit(A)
     with pytest.raises(ValueError, match="X has 12 columns but the PCA was fitted on 16 features"):
         p.transform(A[:, :12])
-    with pytest.raises(ValueError, match="Z has 9 columns but only 8 components exist"):
+    with pytest.raises(ValueError, match="Z has 9 columns but only 8 components were kept"):
         p.inverse_transform(np.zeros((2, 9), np.float32))
 
 
@@ -373,14 +382,14 @@ def test_reconstruct_out_is_checked(rng):
     p = StackedPCA().fit(X)
     Z = p.transform(X, k=3)
     with pytest.raises(ValueError, match="out is required when mean is None"):
-        pcasurgery._C.pca_reconstruct(Z, p.all_components_, None)
+        pcasurgery._C.pca_reconstruct(Z, p.components_, None)
     with pytest.raises(ValueError, match=r"out must be a writeable float32 array of shape \(6, 10\)"):
-        pcasurgery._C.pca_reconstruct(Z, p.all_components_, p.mean_, out=np.zeros((6, 10)))
+        pcasurgery._C.pca_reconstruct(Z, p.components_, p.mean_, out=np.zeros((6, 10)))
     ro = np.zeros((6, 10), np.float32)
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="writeable"):
-        pcasurgery._C.pca_reconstruct(Z, p.all_components_, p.mean_, out=ro)
-    C = p.all_components_.copy()  # (6, 10), the shape of the output
+        pcasurgery._C.pca_reconstruct(Z, p.components_, p.mean_, out=ro)
+    C = p.components_.copy()  # (6, 10), the shape of the output
     with pytest.raises(ValueError, match="must not overlap"):
         pcasurgery._C.pca_reconstruct(Z, C, None, out=C)
 
