@@ -21,6 +21,17 @@ from glob import glob
 
 import numpy
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class always_build_ext(build_ext):
+    """Rebuild every time: the build directory does not record which BLAS or
+    which sanitizer flags an old object was built with, and the core is
+    three small C files."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        self.force = True
 
 
 def _pkg_config(*args: str) -> list[str]:
@@ -88,4 +99,4 @@ ext = Extension(
     extra_link_args=ldflags + opts.get("extra_link_args", []),
 )
 
-setup(ext_modules=[ext])
+setup(ext_modules=[ext], cmdclass={"build_ext": always_build_ext})
