@@ -490,6 +490,14 @@ static PyObject *blas_config(PyObject *module, PyObject *unused)
     return PyUnicode_FromString(c ? c : "");
 }
 
+static PyObject *blas_library(PyObject *module, PyObject *unused)
+{
+    const char *path = pcs_blas_library();
+    if (!path)
+        Py_RETURN_NONE;
+    return PyUnicode_DecodeFSDefault(path);
+}
+
 /* ----------------------------------------------------------------- module */
 
 static PyMethodDef methods[] = {
@@ -503,6 +511,8 @@ static PyMethodDef methods[] = {
      "get_num_threads() -> threads of pcasurgery's own OpenBLAS."},
     {"blas_config", blas_config, METH_NOARGS,
      "blas_config() -> the OpenBLAS build string (version, core, threads)."},
+    {"blas_library", blas_library, METH_NOARGS,
+     "blas_library() -> path of the shared library that provides our BLAS."},
     {NULL, NULL, 0, NULL},
 };
 

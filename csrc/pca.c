@@ -13,6 +13,8 @@
  * ~1e-7 of the largest (measured: 4e-3 relative error at 1e-6 of the total),
  * while the double route keeps ~1e-12. Components are returned as float32.
  */
+#define _GNU_SOURCE /* dladdr */
+#include <dlfcn.h>
 #include <float.h>
 #include <limits.h>
 #include <math.h>
@@ -42,6 +44,14 @@ const char *pcs_status_str(int status)
 void pcs_set_num_threads(int n) { pcs_openblas_set_num_threads(n); }
 int pcs_get_num_threads(void) { return pcs_openblas_get_num_threads(); }
 const char *pcs_blas_config(void) { return pcs_openblas_get_config(); }
+
+const char *pcs_blas_library(void)
+{
+    Dl_info info;
+    if (dladdr((void *)&pcs_openblas_get_num_threads, &info) && info.dli_fname)
+        return info.dli_fname;
+    return NULL;
+}
 
 static int fits_blas(size_t x) { return x <= (size_t)INT_MAX; }
 

@@ -89,5 +89,6 @@ int pcs_pca_reconstruct(float *Xhat, size_t ldxhat, const float *Z, size_t ldz,
 void pcs_set_num_threads(int n);
 int pcs_get_num_threads(void);
 const char *pcs_blas_config(void);
+const char *pcs_blas_library(void); /* path of the loaded BLAS, or NULL */
 
 #endif /* PCASURGERY_H */

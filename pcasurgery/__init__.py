@@ -4,21 +4,32 @@ The numeric core is C (``pcasurgery._C``, OpenBLAS + LAPACKE); this package
 orchestrates. Public API so far:
 
 - :class:`StackedPCA`: scikit-learn-shaped PCA of row-stacked matrices.
-- :func:`set_num_threads`, :func:`get_num_threads`, :func:`blas_info`:
+- :func:`set_num_threads`, :func:`get_num_threads`, :func:`blas_info`,
+  :func:`blas_library`:
   pcasurgery's own OpenBLAS thread pool.
 """
 try:
-    # Load the OpenBLAS that _C links against (libscipy_openblas.so) into the
-    # process before _C itself, so the dynamic loader finds it even where the
-    # rpath does not point at it (editable installs, unusual layouts).
-    import scipy_openblas32 as _scipy_openblas32  # noqa: F401
-except ImportError:  # built with PCASURGERY_BLAS=system
-    pass
+    from . import _C
+except ImportError as _e:  # pragma: no cover - depends on the install layout
+    # _C finds libscipy_openblas.so through an rpath into the sibling
+    # site-packages/scipy_openblas32; where that does not hold (an editable
+    # install, an unusual layout) load the library into the process first.
+    try:
+        import scipy_openblas32 as _scipy_openblas32  # noqa: F401
+    except ImportError:
+        raise _e from None
+    from . import _C
 
-from . import _C  # noqa: E402
 from .pca import StackedPCA  # noqa: E402
-from .threads import blas_info, get_num_threads, set_num_threads  # noqa: E402
+from .threads import blas_info, blas_library, get_num_threads, set_num_threads  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["StackedPCA", "set_num_threads", "get_num_threads", "blas_info", "__version__"]
+__all__ = [
+    "StackedPCA",
+    "set_num_threads",
+    "get_num_threads",
+    "blas_info",
+    "blas_library",
+    "__version__",
+]

@@ -7,7 +7,7 @@ one inside SciPy's. Each has its own thread pool:
 - :func:`set_num_threads` sets ours only. ``OPENBLAS_NUM_THREADS`` set before
   the first import sets all of them.
 - ``threadpoolctl.threadpool_info()`` lists every pool, ours included
-  (``filepath`` ending in ``libscipy_openblas.so``), and
+  (its ``filepath`` is :func:`blas_library`), and
   ``threadpool_limits(n, user_api="blas")`` limits all of them at once.
 
 OpenBLAS threads busy-wait for a while after each call. Two pools that each
@@ -35,3 +35,8 @@ def get_num_threads() -> int:
 def blas_info() -> str:
     """OpenBLAS build string of the C core, e.g. 'OpenBLAS 0.3.31 ... Haswell MAX_THREADS=64'."""
     return _C.blas_config().strip()
+
+
+def blas_library() -> str | None:
+    """Path of the shared library that provides the C core's BLAS and LAPACKE."""
+    return _C.blas_library()

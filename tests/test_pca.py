@@ -6,6 +6,8 @@ common to both sides, and what is compared is the algorithm).
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from conftest import make_matrix
@@ -412,13 +414,18 @@ def test_threads():
 
 def test_threadpoolctl_sees_our_openblas():
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    import scipy_openblas32
-
-    libdir = scipy_openblas32.get_lib_dir()
-    ours = [i for i in threadpoolctl.threadpool_info() if i["filepath"].startswith(libdir)]
-    if not ours:
-        pytest.skip("pcasurgery was built against a system OpenBLAS")
+    lib = os.path.realpath(pcasurgery.blas_library())
+    ours = [i for i in threadpoolctl.threadpool_info() if os.path.realpath(i["filepath"]) == lib]
+    assert len(ours) == 1, (lib, threadpoolctl.threadpool_info())
     before = pcasurgery.get_num_threads()
-    with threadpoolctl.threadpool_limits(1, user_api="blas"):
-        assert pcasurgery.get_num_threads() == 1
-    assert pcasurgery.get_num_threads() == before
+    assert ours[0]["num_threads"] == before
+    try:
+        pcasurgery.set_num_threads(1)
+        (now,) = [i for i in threadpoolctl.threadpool_info() if os.path.realpath(i["filepath"]) == lib]
+        assert now["num_threads"] == 1
+        pcasurgery.set_num_threads(before)
+        with threadpoolctl.threadpool_limits(1, user_api="blas"):
+            assert pcasurgery.get_num_threads() == 1
+        assert pcasurgery.get_num_threads() == before
+    finally:
+        pcasurgery.set_num_threads(before)
