@@ -16,9 +16,17 @@ except ImportError as _e:  # pragma: no cover - depends on the install layout
     # install, an unusual layout) load the library into the process first.
     try:
         import scipy_openblas32 as _scipy_openblas32  # noqa: F401
+
+        from . import _C
     except ImportError:
-        raise _e from None
-    from . import _C
+        import os as _os
+
+        raise ImportError(
+            f"pcasurgery's compiled core (pcasurgery._C) cannot be loaded: {_e}. "
+            f"If {_os.path.dirname(__file__)} is a source checkout, build it first "
+            "(`pip install .` and run from another folder, or "
+            "`python setup.py build_ext --inplace`)."
+        ) from _e
 
 from .pca import StackedPCA  # noqa: E402
 from .threads import blas_info, blas_library, get_num_threads, set_num_threads  # noqa: E402
