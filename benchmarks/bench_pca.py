@@ -18,6 +18,13 @@ after each call, so while one side is timed the other side's OpenBLAS pools
 are limited to one thread (threadpoolctl).
 
 Usage: python benchmarks/bench_pca.py [--layers 22] [--threads 2] [--precision double]
+
+OPENBLAS_CORETYPE: some machines here force an older OpenBLAS kernel
+(e.g. Haswell) through OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE. That setting
+applies to every OpenBLAS in the process, ours and scikit-learn's alike; to
+measure both on the processor's own kernel, run this script with
+`env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE`. The kernels in use are
+printed either way.
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ from contextlib import contextmanager
 import numpy as np
 import sklearn
 from sklearn.decomposition import PCA
-from threadpoolctl import threadpool_limits
+from threadpoolctl import threadpool_info, threadpool_limits
 
 import pcasurgery
 from pcasurgery import StackedPCA
@@ -133,6 +140,10 @@ def main() -> None:
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; python {platform.python_version()}, "
           f"numpy {np.__version__}, scikit-learn {sklearn.__version__}, pcasurgery {pcasurgery.__version__}")
     print(f"our BLAS: {pcasurgery.blas_info()}")
+    kernels = sorted({f"{os.path.basename(i['filepath'])}: {i.get('architecture')}"
+                      for i in threadpool_info() if i["internal_api"] == "openblas"})
+    print(f"OpenBLAS kernels in use: {'; '.join(kernels)} "
+          f"(OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')})")
     print(f"threads per side: {args.threads}; layers: {args.layers} "
           f"({2 * args.layers} decompositions); precision: {args.precision}")
 

@@ -187,8 +187,8 @@ static void tridiag_free(Tridiag *t)
     free(t->tau);
 }
 
-/* T = Q^T G Q; w (m) = eigenvalues of G, ascending. */
-static int tridiag_eigvals(Tridiag *t, double *w, double *G, size_t m)
+/* T = Q^T G Q (dsytrd); G keeps the Householder reflectors. */
+static int tridiag_reduce(Tridiag *t, double *G, size_t m)
 {
     if (!fits_blas(m))
         return PCS_ERR_TOO_LARGE;
@@ -200,24 +200,31 @@ static int tridiag_eigvals(Tridiag *t, double *w, double *G, size_t m)
     if (!t->diag || !t->off || !t->tau)
         return PCS_ERR_NOMEM;
     const pcs_blasint mi = (pcs_blasint)m;
-    int status = lapack_status(
+    return lapack_status(
         pcs_LAPACKE_dsytrd(PCS_LAPACK_COL_MAJOR, 'U', mi, G, mi, t->diag, t->off, t->tau));
-    if (status)
-        return status;
+}
+
+/* w (m) = eigenvalues of T (= of G), ascending, without eigenvectors. */
+static int tridiag_eigvals(const Tridiag *t, double *w)
+{
+    const size_t m = t->m;
     /* dsterf destroys its inputs: work on copies (T is needed again) */
     double *off = malloc(m * sizeof(double)); /* (m) */
     if (!off)
         return PCS_ERR_NOMEM;
     memcpy(w, t->diag, m * sizeof(double));
     memcpy(off, t->off, m * sizeof(double));
-    status = lapack_status(pcs_LAPACKE_dsterf(mi, w, off));
+    int status = lapack_status(pcs_LAPACKE_dsterf((pcs_blasint)m, w, off));
     free(off);
     return status;
 }
 
 /* comps (k, m) float32 = the eigenvectors of G for its k largest
- * eigenvalues, descending. */
-static int tridiag_eigvecs(float *comps, const Tridiag *t, size_t k)
+ * eigenvalues, descending. When w_all is not NULL and the divide and conquer
+ * path runs, it also receives every eigenvalue (m), ascending; the function
+ * returns 1 in *got_w then. */
+static int tridiag_eigvecs(float *comps, double *w_all, int *got_w, const Tridiag *t,
+                           size_t k)
 {
     const size_t m = t->m;
     const pcs_blasint mi = (pcs_blasint)m, ki = (pcs_blasint)k;
@@ -238,6 +245,10 @@ static int tridiag_eigvecs(float *comps, const Tridiag *t, size_t k)
     memcpy(e, t->off, m * sizeof(double));
     if (all) {
         status = lapack_status(pcs_LAPACKE_dstedc(PCS_LAPACK_COL_MAJOR, 'I', mi, d, e, Z, mi));
+        if (!status && w_all) {
+            memcpy(w_all, d, m * sizeof(double)); /* dstedc: eigenvalues in d */
+            *got_w = 1;
+        }
     } else {
         pcs_blasint found = 0, tryrac = 1;
         status = lapack_status(pcs_LAPACKE_dstemr(PCS_LAPACK_COL_MAJOR, 'V', 'I', mi, d, e,
@@ -257,8 +268,10 @@ static int tridiag_eigvecs(float *comps, const Tridiag *t, size_t k)
         for (size_t j = 0; j < m; j++)
             c[j] = (float)z[j];
     }
-    for (size_t i = 0; i < m * m; i++)
-        A32[i] = (float)t->G[i];
+    for (size_t j = 0; j < m; j++) /* sormtr reads the reflectors above the
+                                       diagonal (column-major upper) only */
+        for (size_t i = 0; i <= j; i++)
+            A32[j * m + i] = (float)t->G[j * m + i];
     for (size_t i = 0; i < m; i++)
         tau32[i] = (float)t->tau[i];
     if (m > 1)
@@ -354,10 +367,12 @@ static void svd_flip_rows(float *components, size_t r, size_t d)
 {
     for (size_t i = 0; i < r; i++) {
         float *c = components + i * d; /* (d) */
-        size_t jmax = 0;
-        for (size_t j = 1; j < d; j++)
-            if (fabsf(c[j]) > fabsf(c[jmax]))
-                jmax = j;
+        float amax = 0.0f;              /* a reduction the compiler vectorises */
+        for (size_t j = 0; j < d; j++)
+            amax = fmaxf(amax, fabsf(c[j]));
+        size_t jmax = 0;                /* then its first position */
+        while (jmax + 1 < d && fabsf(c[jmax]) != amax)
+            jmax++;
         if (c[jmax] < 0.0f)
             for (size_t j = 0; j < d; j++)
                 c[j] = -c[j];
@@ -432,8 +447,32 @@ int pcs_pca_fit(float *components, double *eigvals, float *mean, double *total,
         goto done;
     }
 
-    /* 1. every eigenvalue */
-    status = tridiag ? tridiag_eigvals(&tri, w, G, m_eig) : eigh(G, w, m_eig, precision);
+    /* 1. every eigenvalue, then k; on the tridiagonal path with k known in
+     * advance and large, divide and conquer gives both at once (step 2). */
+    int have_vecs = 0;
+    if (tridiag) {
+        status = tridiag_reduce(&tri, G, m_eig);
+        if (status)
+            goto done;
+        if (keep_var <= 0.0) {
+            size_t k_known = keep_k == 0 || keep_k > r ? r : keep_k;
+            if (k_known * 5 >= m_eig) {
+                int got_w = 0;
+                status = tridiag_eigvecs(components, w, &got_w, &tri, k_known);
+                if (status)
+                    goto done;
+                have_vecs = got_w;
+                if (!got_w) /* cannot happen: k_known * 5 >= m picks dstedc */
+                    status = tridiag_eigvals(&tri, w);
+            } else {
+                status = tridiag_eigvals(&tri, w);
+            }
+        } else {
+            status = tridiag_eigvals(&tri, w);
+        }
+    } else {
+        status = eigh(G, w, m_eig, precision);
+    }
     if (status)
         goto done;
     for (size_t i = 0; i < r; i++) { /* the r largest of the m_eig */
@@ -445,9 +484,12 @@ int pcs_pca_fit(float *components, double *eigvals, float *mean, double *total,
 
     /* 2. the k leading components */
     if (tridiag) {
-        status = tridiag_eigvecs(components, &tri, k);
-        if (status)
-            goto done;
+        if (!have_vecs) {
+            int got_w = 0;
+            status = tridiag_eigvecs(components, NULL, &got_w, &tri, k);
+            if (status)
+                goto done;
+        }
     } else if (gram) {
         /* Right singular vectors from left ones: v_i = Xc^T u_i / sigma_i.
          * T (k, d) = U_k^T (k, n) @ Xc (n, d), with U_k^T the last k rows of
