@@ -341,24 +341,27 @@ static int check_out(PyObject *obj, size_t rows, size_t cols, matview *v)
 /* ------------------------------------------------------------ pca_project */
 
 PyDoc_STRVAR(pca_project_doc,
-"pca_project(X, mean, components, k) -> Z\n"
+"pca_project(X, mean, components, k, name='X') -> Z\n"
 "\n"
-"Z (n, k) float32 = (X (n, d) - mean (d)) @ components[:k].T.");
+"Z (n, k) float32 = (X (n, d) - mean (d)) @ components[:k].T. `name` names X\n"
+"in error messages (NaN/Inf in X is reported with its position).");
 
 static PyObject *pca_project(PyObject *module, PyObject *args)
 {
     PyObject *X_obj, *mean_obj, *C_obj, *result = NULL;
     Py_ssize_t k;
-    if (!PyArg_ParseTuple(args, "OOOn:pca_project", &X_obj, &mean_obj, &C_obj, &k))
+    const char *name = "X";
+    if (!PyArg_ParseTuple(args, "OOOn|s:pca_project", &X_obj, &mean_obj, &C_obj, &k,
+                          &name))
         return NULL;
     matview X = {0}, C = {0};
     PyArrayObject *mean = NULL, *Z = NULL;
-    if (to_matview(X_obj, "X", 0, &X) < 0 || to_matview(C_obj, "components", 0, &C) < 0)
+    if (to_matview(X_obj, name, 0, &X) < 0 || to_matview(C_obj, "components", 0, &C) < 0)
         goto done;
     if (X.cols != C.cols) {
         PyErr_Format(PyExc_ValueError,
-                     "X has %zu columns but the PCA was fitted on %zu features",
-                     X.cols, C.cols);
+                     "%s has %zu columns but the PCA was fitted on %zu features",
+                     name, X.cols, C.cols);
         goto done;
     }
     if (k < 0 || (size_t)k > C.rows) {
@@ -374,11 +377,19 @@ static PyObject *pca_project(PyObject *module, PyObject *args)
     if (!Z)
         goto done;
     int status;
+    PcsWhere where = {0, 0, 0};
     Py_BEGIN_ALLOW_THREADS
     status = pcs_pca_project((float *)PyArray_DATA(Z), (size_t)k, X.data, X.ld,
                              (const float *)PyArray_DATA(mean), C.data, X.rows,
-                             X.cols, (size_t)k);
+                             X.cols, (size_t)k, &where);
     Py_END_ALLOW_THREADS
+    if (status == PCS_ERR_NONFINITE) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s contains NaN or Inf (first at row %zu, column %zu); "
+                     "expected finite values",
+                     name, where.row, where.col);
+        goto done;
+    }
     if (status) {
         raise_status(module, status, "pca_project");
         goto done;

@@ -77,7 +77,7 @@ static int stack_mean(double *mean, const PcsMatrix *mats, size_t n_mats,
                 mean[j] += x[j];
                 poison += x[j] * 0.0f;
             }
-            if (poison != 0.0f || !isfinite(poison)) {
+            if (poison != 0.0f) { /* NaN != 0 too */
                 where->matrix = m;
                 where->row = i;
                 where->col = first_nonfinite(x, d);
@@ -546,12 +546,12 @@ done:
 
 int pcs_pca_project(float *Z, size_t ldz, const float *X, size_t ldx,
                     const float *mean, const float *C, size_t n, size_t d,
-                    size_t k)
+                    size_t k, PcsWhere *where)
 {
     if (!fits_blas(n) || !fits_blas(d) || !fits_blas(k) || !fits_blas(ldz) ||
         !fits_blas(ldx))
         return PCS_ERR_TOO_LARGE;
-    if (n == 0 || k == 0)
+    if (n == 0)
         return PCS_OK;
     size_t B = n < ROW_BLOCK ? n : ROW_BLOCK;
     float *Xb = malloc(B * d * sizeof(float)); /* (B, d) centered block */
@@ -562,8 +562,18 @@ int pcs_pca_project(float *Z, size_t ldz, const float *X, size_t ldx,
         for (size_t i = 0; i < nb; i++) {
             const float *x = X + (row0 + i) * ldx; /* (d) */
             float *o = Xb + i * d;
-            for (size_t j = 0; j < d; j++)
+            float poison = 0.0f; /* stays 0 unless some x[j] is NaN/Inf */
+            for (size_t j = 0; j < d; j++) {
                 o[j] = x[j] - mean[j];
+                poison += x[j] * 0.0f;
+            }
+            if (poison != 0.0f) {
+                where->matrix = 0;
+                where->row = row0 + i;
+                where->col = first_nonfinite(x, d);
+                free(Xb);
+                return PCS_ERR_NONFINITE;
+            }
         }
         /* Z[row0:row0+nb] (nb, k) = Xb (nb, d) @ C_k^T (d, k) */
         pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsTrans, (pcs_blasint)nb,

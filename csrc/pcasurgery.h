@@ -72,10 +72,11 @@ int pcs_pca_fit(float *components, double *eigvals, float *mean, double *total,
                 int center, int precision, int solver, size_t keep_k,
                 double keep_var, PcsWhere *where);
 
-/* Z (n, k) = (X (n, d) - mean (d)) @ C_k^T (d, k); Z has row stride ldz. */
+/* Z (n, k) = (X (n, d) - mean (d)) @ C_k^T (d, k); Z has row stride ldz.
+ * Checks X while centering it: PCS_ERR_NONFINITE with *where filled. */
 int pcs_pca_project(float *Z, size_t ldz, const float *X, size_t ldx,
                     const float *mean, const float *C, size_t n, size_t d,
-                    size_t k);
+                    size_t k, PcsWhere *where);
 
 /* Xhat (n, d) = Z (n, k) @ C_k (k, d) + mean (d)   when mean != NULL,
  * Xhat (n, d) += Z (n, k) @ C_k (k, d)             when mean == NULL

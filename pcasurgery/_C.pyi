@@ -8,7 +8,7 @@ def pca_fit(
     matrices: Sequence[npt.ArrayLike], names: Sequence[str], center: bool, precision: int, /
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float64], npt.NDArray[np.float32], float]: ...
 def pca_project(
-    X: npt.ArrayLike, mean: npt.ArrayLike, components: npt.ArrayLike, k: int, /
+    X: npt.ArrayLike, mean: npt.ArrayLike, components: npt.ArrayLike, k: int, name: str = "X", /
 ) -> npt.NDArray[np.float32]: ...
 def pca_reconstruct(
     Z: npt.ArrayLike,

@@ -190,13 +190,12 @@ class StackedPCA:
         """Scores Z (n, k) = (X - mean_) @ components[:k].T; k defaults to n_components_."""
         self._check_fitted()
         k = self._check_k(k)
-        X = self._check_finite_matrix(X, "X")
-        return _C.pca_project(X, self.mean_, self.components_, k)
+        return _C.pca_project(X, self.mean_, self.components_, k, "X")
 
     def inverse_transform(self, Z: npt.ArrayLike) -> npt.NDArray[np.float32]:
         """X̂ (n, d) = Z (n, k) @ components[:k] + mean_, for any k = Z.shape[1] <= n_components_."""
         self._check_fitted()
-        Z = self._check_finite_matrix(Z, "Z")
+        Z = self._check_finite_matrix(Z, "Z")  # small: checked here, not in C
         if Z.shape[1] > self.n_components_:
             raise ValueError(
                 f"Z has {Z.shape[1]} columns but only {self.n_components_} components were kept"
@@ -217,8 +216,7 @@ class StackedPCA:
         mats, names, single = _as_named_list(matrices)
         outs = []
         for m, name in zip(mats, names):
-            X = self._check_finite_matrix(m, name)
-            Z = _C.pca_project(X, self.mean_, self.components_, k)
+            Z = _C.pca_project(m, self.mean_, self.components_, k, name)
             outs.append(_C.pca_reconstruct(Z, self.components_, self.mean_))
         if single:
             return outs[0]
@@ -250,8 +248,7 @@ class StackedPCA:
         kmax = wanted[-1]
         C = self.components_
         Zs = [
-            _C.pca_project(self._check_finite_matrix(m, name), self.mean_, C, kmax)
-            if kmax > 0 else None
+            _C.pca_project(m, self.mean_, C, kmax, name) if kmax > 0 else None
             for m, name in zip(mats, names)
         ]
         outs: list[np.ndarray] = []
@@ -321,8 +318,8 @@ class StackedPCA:
 
     def _check_finite_matrix(self, X: Any, name: str) -> np.ndarray:
         """X as an array; TypeError/ValueError naming it if it is not a finite
-        2-D numeric matrix with n_features_in_ columns (the C core checks
-        dtype and shape again; this adds the finiteness check)."""
+        2-D numeric matrix (for score matrices Z, which the C core does not
+        read element by element before the product)."""
         A = np.asarray(X) if not isinstance(X, np.ndarray) else X
         if A.dtype.kind not in "iuf":
             raise TypeError(

@@ -278,6 +278,12 @@ def test_nonfinite_names_the_matrix(rng):
     p = StackedPCA().fit(Wk)
     with pytest.raises(ValueError, match="X contains NaN or Inf"):
         p.transform(np.where(Wv > 0, np.nan, Wv))
+    Wv2 = Wv.copy()
+    Wv2[5, 2] = np.inf
+    with pytest.raises(ValueError, match=r"v_proj contains NaN or Inf \(first at row 5, column 2\)"):
+        p.reconstruct({"k_proj": Wk, "v_proj": Wv2}, k=3)
+    with pytest.raises(ValueError, match=r"matrices\[1\] contains NaN or Inf"):
+        next(p.iter_reconstructions([Wk, Wv2], [2]))
     with pytest.raises(ValueError, match="Z contains NaN or Inf"):
         p.inverse_transform(np.full((2, 3), np.inf))
 
