@@ -30,6 +30,7 @@ enum { PcsUpper = 121, PcsLower = 122 };
 #define PCS_LAPACK_COL_MAJOR 102
 
 #define pcs_cblas_sgemm PCS_SYM(cblas_sgemm)
+#define pcs_cblas_sgemv PCS_SYM(cblas_sgemv)
 #define pcs_cblas_dgemm PCS_SYM(cblas_dgemm)
 #define pcs_cblas_dsyrk PCS_SYM(cblas_dsyrk)
 #define pcs_LAPACKE_dsyevd PCS_SYM(LAPACKE_dsyevd)
@@ -47,6 +48,9 @@ void pcs_cblas_sgemm(int order, int transa, int transb, pcs_blasint m,
                      pcs_blasint n, pcs_blasint k, float alpha, const float *a,
                      pcs_blasint lda, const float *b, pcs_blasint ldb,
                      float beta, float *c, pcs_blasint ldc);
+void pcs_cblas_sgemv(int order, int trans, pcs_blasint m, pcs_blasint n, float alpha,
+                     const float *a, pcs_blasint lda, const float *x, pcs_blasint incx,
+                     float beta, float *y, pcs_blasint incy);
 void pcs_cblas_dgemm(int order, int transa, int transb, pcs_blasint m,
                      pcs_blasint n, pcs_blasint k, double alpha,
                      const double *a, pcs_blasint lda, const double *b,

@@ -7,6 +7,8 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
+#include <stdint.h>
 #include <string.h>
 
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
@@ -475,6 +477,416 @@ done:
     return result;
 }
 
+
+/* ------------------------------------------------------------ LlamaRuntime */
+
+/* The C forward pass bound to weight arrays that Python owns. `arrays`
+ * keeps a reference to every array whose memory the kernel reads. */
+typedef struct {
+    PyObject_HEAD
+    PcsLlamaConfig cfg;
+    PcsLlamaWeights w;
+    PcsLlamaState st;
+    PyObject *arrays; /* list: tok_emb, final_norm, lm_head, then 9 per layer */
+    PyObject *names;  /* list of str, same order */
+    int busy;         /* a kernel runs with the GIL released */
+} LlamaRuntime;
+
+enum { RT_GLOBAL = 3, RT_PER_LAYER = 9 };
+
+/* Expected shape of array `idx` (see the order above). */
+static void runtime_shape(const PcsLlamaConfig *c, Py_ssize_t idx, npy_intp dims[2], int *nd)
+{
+    const npy_intp D = (npy_intp)c->dim, F = (npy_intp)c->hidden_dim, V = (npy_intp)c->vocab_size;
+    const npy_intp Dq = (npy_intp)(c->n_heads * c->head_dim);
+    const npy_intp Dkv = (npy_intp)(c->n_kv_heads * c->head_dim);
+    *nd = 2;
+    if (idx < RT_GLOBAL) {
+        if (idx == 1) { *nd = 1; dims[0] = D; }
+        else { dims[0] = V; dims[1] = D; }
+        return;
+    }
+    switch ((idx - RT_GLOBAL) % RT_PER_LAYER) {
+    case 0: case 5: *nd = 1; dims[0] = D; break;         /* norms */
+    case 1: dims[0] = Dq; dims[1] = D; break;             /* wq */
+    case 2: case 3: dims[0] = Dkv; dims[1] = D; break;    /* wk, wv */
+    case 4: dims[0] = D; dims[1] = Dq; break;             /* wo */
+    case 6: case 7: dims[0] = F; dims[1] = D; break;      /* gate, up */
+    default: dims[0] = D; dims[1] = F; break;             /* down */
+    }
+}
+
+static void runtime_point(LlamaRuntime *self, Py_ssize_t idx, const float *p)
+{
+    if (idx == 0) { self->w.tok_emb = p; return; }
+    if (idx == 1) { self->w.final_norm = p; return; }
+    if (idx == 2) { self->w.lm_head = p; return; }
+    PcsLlamaLayer *L = &self->w.layers[(idx - RT_GLOBAL) / RT_PER_LAYER];
+    const float **slot[RT_PER_LAYER] = {&L->attn_norm, &L->wq, &L->wk, &L->wv, &L->wo,
+                                        &L->ffn_norm, &L->w_gate, &L->w_up, &L->w_down};
+    *slot[(idx - RT_GLOBAL) % RT_PER_LAYER] = p;
+}
+
+/* Check that obj is a float32, C-contiguous, aligned array of the shape
+ * array `idx` must have; returns a new reference or NULL. */
+static PyArrayObject *runtime_check(LlamaRuntime *self, Py_ssize_t idx, PyObject *obj,
+                                    const char *name)
+{
+    npy_intp dims[2];
+    int nd;
+    runtime_shape(&self->cfg, idx, dims, &nd);
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray, got %s", name,
+                     Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *a = (PyArrayObject *)obj;
+    if (PyArray_TYPE(a) != NPY_FLOAT32 || !PyArray_IS_C_CONTIGUOUS(a) ||
+        !PyArray_ISALIGNED(a) || !PyArray_ISNOTSWAPPED(a)) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s must be a C-contiguous, aligned float32 array", name);
+        return NULL;
+    }
+    int ok = PyArray_NDIM(a) == nd;
+    for (int i = 0; ok && i < nd; i++)
+        ok = PyArray_DIM(a, i) == dims[i];
+    if (!ok) {
+        if (nd == 1)
+            PyErr_Format(PyExc_ValueError, "%s must have shape (%zd,) for this config",
+                         name, (Py_ssize_t)dims[0]);
+        else
+            PyErr_Format(PyExc_ValueError, "%s must have shape (%zd, %zd) for this config",
+                         name, (Py_ssize_t)dims[0], (Py_ssize_t)dims[1]);
+        return NULL;
+    }
+    Py_INCREF(a);
+    return a;
+}
+
+static int size_arg(PyObject *tuple, Py_ssize_t i, const char *what, size_t *out)
+{
+    Py_ssize_t v = PyLong_AsSsize_t(PyTuple_GET_ITEM(tuple, i));
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v <= 0) {
+        PyErr_Format(PyExc_ValueError, "config %s must be a positive int, got %zd", what, v);
+        return -1;
+    }
+    *out = (size_t)v;
+    return 0;
+}
+
+static int runtime_init(LlamaRuntime *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"config", "arrays", "names", "max_batch", NULL};
+    PyObject *cfg, *arrays, *names;
+    Py_ssize_t max_batch = 512;
+    if (self->arrays) {
+        PyErr_SetString(PyExc_RuntimeError, "LlamaRuntime is already initialised");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!O!O!|n:LlamaRuntime", kwlist,
+                                     &PyTuple_Type, &cfg, &PyList_Type, &arrays,
+                                     &PyList_Type, &names, &max_batch))
+        return -1;
+    if (PyTuple_GET_SIZE(cfg) != 10) {
+        PyErr_SetString(PyExc_ValueError,
+                        "config must be (dim, hidden_dim, n_layers, n_heads, n_kv_heads, "
+                        "head_dim, vocab_size, seq_len, rms_eps, rope_theta)");
+        return -1;
+    }
+    PcsLlamaConfig *c = &self->cfg;
+    const char *what[] = {"dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads",
+                          "head_dim", "vocab_size", "seq_len"};
+    size_t *field[] = {&c->dim, &c->hidden_dim, &c->n_layers, &c->n_heads, &c->n_kv_heads,
+                       &c->head_dim, &c->vocab_size, &c->seq_len};
+    for (int i = 0; i < 8; i++)
+        if (size_arg(cfg, i, what[i], field[i]) < 0)
+            return -1;
+    double eps = PyFloat_AsDouble(PyTuple_GET_ITEM(cfg, 8));
+    double theta = PyFloat_AsDouble(PyTuple_GET_ITEM(cfg, 9));
+    if (PyErr_Occurred())
+        return -1;
+    if (!(eps > 0.0) || !(theta > 0.0) || !isfinite(eps) || !isfinite(theta)) {
+        PyErr_Format(PyExc_ValueError,
+                     "config rms_eps and rope_theta must be positive and finite, got %g and %g",
+                     eps, theta);
+        return -1;
+    }
+    c->rms_eps = (float)eps;
+    c->rope_theta = theta;
+    if (c->n_heads % c->n_kv_heads != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "config n_heads (%zu) must be a multiple of n_kv_heads (%zu)",
+                     c->n_heads, c->n_kv_heads);
+        return -1;
+    }
+    if (c->head_dim % 2 != 0) {
+        PyErr_Format(PyExc_ValueError, "config head_dim must be even for RoPE, got %zu",
+                     c->head_dim);
+        return -1;
+    }
+    if (pcs_llama_config_check(c)) {
+        PyErr_SetString(PyExc_ValueError, "config sizes are too large");
+        return -1;
+    }
+    if (max_batch < 1) {
+        PyErr_Format(PyExc_ValueError, "max_batch must be >= 1, got %zd", max_batch);
+        return -1;
+    }
+    Py_ssize_t n = (Py_ssize_t)(RT_GLOBAL + RT_PER_LAYER * c->n_layers);
+    if (PyList_GET_SIZE(arrays) != n || PyList_GET_SIZE(names) != n) {
+        PyErr_Format(PyExc_ValueError,
+                     "arrays and names must each hold %zd entries (3 + 9 per layer), got %zd and %zd",
+                     n, PyList_GET_SIZE(arrays), PyList_GET_SIZE(names));
+        return -1;
+    }
+    self->w.layers = PyMem_Calloc(c->n_layers, sizeof(PcsLlamaLayer));
+    self->arrays = PyList_New(n);
+    if (!self->w.layers || !self->arrays) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const char *name = PyUnicode_AsUTF8(PyList_GET_ITEM(names, i));
+        if (!name)
+            return -1;
+        PyArrayObject *a = runtime_check(self, i, PyList_GET_ITEM(arrays, i), name);
+        if (!a)
+            return -1;
+        runtime_point(self, i, (const float *)PyArray_DATA(a));
+        PyList_SET_ITEM(self->arrays, i, (PyObject *)a);
+    }
+    Py_INCREF(names);
+    self->names = names;
+    int status = pcs_llama_state_init(&self->st, c, (size_t)max_batch);
+    if (status) {
+        if (status == PCS_ERR_NOMEM)
+            PyErr_Format(PyExc_MemoryError,
+                         "cannot allocate the KV cache and buffers for seq_len=%zu", c->seq_len);
+        else
+            PyErr_Format(PyExc_ValueError, "LlamaRuntime: %s", pcs_status_str(status));
+        return -1;
+    }
+    return 0;
+}
+
+static int runtime_traverse(LlamaRuntime *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->arrays);
+    Py_VISIT(self->names);
+    return 0;
+}
+
+static int runtime_clear(LlamaRuntime *self)
+{
+    Py_CLEAR(self->arrays);
+    Py_CLEAR(self->names);
+    return 0;
+}
+
+static void runtime_dealloc(LlamaRuntime *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    runtime_clear(self);
+    pcs_llama_state_free(&self->st);
+    PyMem_Free(self->w.layers);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static int runtime_ready(LlamaRuntime *self)
+{
+    if (!self->arrays) {
+        PyErr_SetString(PyExc_RuntimeError, "LlamaRuntime is not initialised");
+        return -1;
+    }
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "LlamaRuntime is running in another thread; use one runtime per thread");
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(runtime_forward_doc,
+"forward(tokens, pos, all_logits=True) -> logits\n"
+"\n"
+"Run tokens (1-D ints) at positions pos..pos+T-1 (pos <= n_cached; the cache\n"
+"beyond pos is overwritten). Returns float32 logits (T, V), or (1, V) for\n"
+"the last token when all_logits is False.");
+
+static PyObject *runtime_forward(LlamaRuntime *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"tokens", "pos", "all_logits", NULL};
+    PyObject *tok_obj;
+    Py_ssize_t pos;
+    int all_logits = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "On|p:forward", kwlist, &tok_obj, &pos,
+                                     &all_logits))
+        return NULL;
+    if (runtime_ready(self) < 0)
+        return NULL;
+    PyArrayObject *raw = (PyArrayObject *)PyArray_FromAny(tok_obj, NULL, 0, 0, 0, NULL);
+    if (!raw)
+        return NULL;
+    if (PyArray_NDIM(raw) != 1 || !PyTypeNum_ISINTEGER(PyArray_TYPE(raw))) {
+        PyErr_SetString(PyExc_TypeError, "tokens must be a 1-D sequence of ints");
+        Py_DECREF(raw);
+        return NULL;
+    }
+    npy_intp T = PyArray_DIM(raw, 0);
+    const size_t V = self->cfg.vocab_size, S = self->cfg.seq_len;
+    if (T == 0) {
+        PyErr_SetString(PyExc_ValueError, "tokens is empty; expected at least one token");
+        Py_DECREF(raw);
+        return NULL;
+    }
+    /* range check on the original integers, before any narrowing cast */
+    PyArrayObject *tok64 = (PyArrayObject *)PyArray_FROM_OTF((PyObject *)raw, NPY_INT64,
+                                                             NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST);
+    Py_DECREF(raw);
+    if (!tok64)
+        return NULL;
+    const int64_t *t64 = (const int64_t *)PyArray_DATA(tok64);
+    for (npy_intp i = 0; i < T; i++) {
+        if (t64[i] < 0 || (uint64_t)t64[i] >= V) {
+            PyErr_Format(PyExc_ValueError,
+                         "tokens[%zd] = %lld is outside the vocabulary [0, %zu)",
+                         (Py_ssize_t)i, (long long)t64[i], V);
+            Py_DECREF(tok64);
+            return NULL;
+        }
+    }
+    if (pos < 0 || (size_t)pos > self->st.n_cached) {
+        PyErr_Format(PyExc_ValueError,
+                     "pos must be between 0 and the %zu positions already cached, got %zd",
+                     self->st.n_cached, pos);
+        Py_DECREF(tok64);
+        return NULL;
+    }
+    if ((size_t)pos + (size_t)T > S) {
+        PyErr_Format(PyExc_ValueError,
+                     "%zd tokens at position %zd exceed the context of %zu tokens",
+                     (Py_ssize_t)T, pos, S);
+        Py_DECREF(tok64);
+        return NULL;
+    }
+    int *tokens = PyMem_Malloc((size_t)T * sizeof(int));
+    if (!tokens) {
+        Py_DECREF(tok64);
+        return PyErr_NoMemory();
+    }
+    for (npy_intp i = 0; i < T; i++)
+        tokens[i] = (int)t64[i];
+    Py_DECREF(tok64);
+    npy_intp dims[2] = {all_logits ? T : 1, (npy_intp)V};
+    PyArrayObject *logits = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    if (!logits) {
+        PyMem_Free(tokens);
+        return NULL;
+    }
+    int status;
+    self->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    status = pcs_llama_forward((float *)PyArray_DATA(logits), &self->st, &self->cfg, &self->w,
+                               tokens, (size_t)T, (size_t)pos, all_logits);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    PyMem_Free(tokens);
+    if (status) {
+        Py_DECREF(logits);
+        PyErr_Format(PyExc_ValueError, "forward: %s", pcs_status_str(status));
+        return NULL;
+    }
+    return (PyObject *)logits;
+}
+
+PyDoc_STRVAR(runtime_set_weight_doc,
+"set_weight(index, array): point weight `index` at another array of the same\n"
+"shape (float32, C-contiguous). The runtime keeps a reference to it. The KV\n"
+"cache is not cleared: call reset() before running a new sequence.");
+
+static PyObject *runtime_set_weight(LlamaRuntime *self, PyObject *args)
+{
+    Py_ssize_t idx;
+    PyObject *obj;
+    if (!PyArg_ParseTuple(args, "nO:set_weight", &idx, &obj))
+        return NULL;
+    if (runtime_ready(self) < 0)
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(self->arrays);
+    if (idx < 0 || idx >= n) {
+        PyErr_Format(PyExc_IndexError, "index must be between 0 and %zd, got %zd", n - 1, idx);
+        return NULL;
+    }
+    const char *name = PyUnicode_AsUTF8(PyList_GET_ITEM(self->names, idx));
+    if (!name)
+        return NULL;
+    PyArrayObject *a = runtime_check(self, idx, obj, name);
+    if (!a)
+        return NULL;
+    runtime_point(self, idx, (const float *)PyArray_DATA(a));
+    PyList_SetItem(self->arrays, idx, (PyObject *)a); /* steals a, drops the old */
+    Py_RETURN_NONE;
+}
+
+static PyObject *runtime_reset(LlamaRuntime *self, PyObject *unused)
+{
+    if (runtime_ready(self) < 0)
+        return NULL;
+    self->st.n_cached = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *runtime_get_n_cached(LlamaRuntime *self, void *closure)
+{
+    return PyLong_FromSize_t(self->arrays ? self->st.n_cached : 0);
+}
+
+static PyObject *runtime_get_arrays(LlamaRuntime *self, void *closure)
+{
+    if (!self->arrays)
+        return PyList_New(0);
+    return PyList_GetSlice(self->arrays, 0, PyList_GET_SIZE(self->arrays));
+}
+
+static PyMethodDef runtime_methods[] = {
+    {"forward", (PyCFunction)(void (*)(void))runtime_forward, METH_VARARGS | METH_KEYWORDS,
+     runtime_forward_doc},
+    {"set_weight", (PyCFunction)runtime_set_weight, METH_VARARGS, runtime_set_weight_doc},
+    {"reset", (PyCFunction)runtime_reset, METH_NOARGS, "reset(): forget the KV cache."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef runtime_getset[] = {
+    {"n_cached", (getter)runtime_get_n_cached, NULL, "positions held in the KV cache", NULL},
+    {"arrays", (getter)runtime_get_arrays, NULL, "the weight arrays, in kernel order", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot runtime_slots[] = {
+    {Py_tp_doc, "LlamaRuntime(config, arrays, names, max_batch=512): the C forward pass\n"
+                "over weight arrays owned by Python (see pcasurgery.model)."},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, runtime_init},
+    {Py_tp_dealloc, runtime_dealloc},
+    {Py_tp_traverse, runtime_traverse},
+    {Py_tp_clear, runtime_clear},
+    {Py_tp_methods, runtime_methods},
+    {Py_tp_getset, runtime_getset},
+    {0, NULL},
+};
+
+static PyType_Spec runtime_spec = {
+    .name = "pcasurgery._C.LlamaRuntime",
+    .basicsize = sizeof(LlamaRuntime),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = runtime_slots,
+};
+
 /* ---------------------------------------------------------------- threads */
 
 static PyObject *set_num_threads(PyObject *module, PyObject *arg)
@@ -539,6 +951,13 @@ static int module_exec(PyObject *module)
     Py_DECREF(linalg);
     if (!st->LinAlgError)
         return -1;
+    PyObject *rt = PyType_FromModuleAndSpec(module, &runtime_spec, NULL);
+    if (!rt)
+        return -1;
+    if (PyModule_AddObject(module, "LlamaRuntime", rt) < 0) {
+        Py_DECREF(rt);
+        return -1;
+    }
     return 0;
 }
 

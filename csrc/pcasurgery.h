@@ -86,6 +86,66 @@ int pcs_pca_reconstruct(float *Xhat, size_t ldxhat, const float *Z, size_t ldz,
                         const float *C, const float *mean, size_t n, size_t d,
                         size_t k);
 
+/* ---- the Llama forward pass (llama.c)
+ *
+ * Dimension legend: D = dim, F = hidden_dim, V = vocab_size, S = seq_len,
+ * H = n_heads, KV = n_kv_heads, hd = head_dim, Dq = H*hd, Dkv = KV*hd,
+ * L = n_layers, B = max_batch (tokens per prefill chunk).
+ */
+typedef struct {
+    size_t dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, vocab_size;
+    size_t seq_len;    /* S: context (and KV cache) capacity */
+    float rms_eps;
+    double rope_theta;
+} PcsLlamaConfig;
+
+/* One decoder layer's weights, row-major (out, in); borrowed from arrays
+ * that the caller keeps alive. */
+typedef struct {
+    const float *attn_norm; /* (D) */
+    const float *wq;        /* (Dq, D) */
+    const float *wk;        /* (Dkv, D) */
+    const float *wv;        /* (Dkv, D) */
+    const float *wo;        /* (D, Dq) */
+    const float *ffn_norm;  /* (D) */
+    const float *w_gate;    /* (F, D) */
+    const float *w_up;      /* (F, D) */
+    const float *w_down;    /* (D, F) */
+} PcsLlamaLayer;
+
+typedef struct {
+    const float *tok_emb;    /* (V, D) */
+    const float *final_norm; /* (D) */
+    const float *lm_head;    /* (V, D), may equal tok_emb (tied) */
+    PcsLlamaLayer *layers;   /* (L) */
+} PcsLlamaWeights;
+
+/* Everything a forward pass writes, carved from one allocation. */
+typedef struct {
+    size_t max_batch;  /* B */
+    size_t n_cached;   /* positions 0..n_cached-1 of the cache are valid */
+    float *x;          /* (B, D) residual stream */
+    float *xb;         /* (B, max(D, Dq)) normed input, attention output */
+    float *q;          /* (B, Dq) */
+    float *att;        /* (B, S) one head's attention weights */
+    float *hb, *hb2;   /* (B, F) MLP gate / up */
+    float *rope_cos;   /* (S, hd/2) */
+    float *rope_sin;   /* (S, hd/2) */
+    float *k_cache;    /* (L, S, Dkv) */
+    float *v_cache;    /* (L, S, Dkv) */
+    void *block;
+} PcsLlamaState;
+
+int pcs_llama_config_check(const PcsLlamaConfig *c);
+int pcs_llama_state_init(PcsLlamaState *s, const PcsLlamaConfig *c, size_t max_batch);
+void pcs_llama_state_free(PcsLlamaState *s);
+/* Run tokens (T) at positions P..P+T-1 (P <= n_cached; P + T <= S), append
+ * their keys and values to the cache, and write logits: (T, V) when
+ * all_logits, else (1, V) for the last token. Allocates nothing. */
+int pcs_llama_forward(float *logits, PcsLlamaState *s, const PcsLlamaConfig *c,
+                      const PcsLlamaWeights *w, const int *tokens, size_t T, size_t P,
+                      int all_logits);
+
 /* ---- threads (pca.c): our OpenBLAS's own pool */
 void pcs_set_num_threads(int n);
 int pcs_get_num_threads(void);

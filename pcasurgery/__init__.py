@@ -28,12 +28,16 @@ except ImportError as _e:  # pragma: no cover - depends on the install layout
             "`python setup.py build_ext --inplace`)."
         ) from _e
 
+from .config import LlamaConfig  # noqa: E402
+from .model import LlamaModel  # noqa: E402
 from .pca import StackedPCA  # noqa: E402
 from .threads import blas_info, blas_library, get_num_threads, set_num_threads  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LlamaConfig",
+    "LlamaModel",
     "StackedPCA",
     "set_num_threads",
     "get_num_threads",

@@ -1,0 +1,281 @@
+/* llama.c: the Llama forward pass, prefill with sgemm and decode against a
+ * KV cache, in the spirit of llama2.c's run.c.
+ *
+ * Dimension legend:
+ *   T  = tokens in this chunk (<= B, the state's max_batch)
+ *   P  = position of the chunk's first token (tokens already in the cache)
+ *   S  = seq_len, the cache capacity;  C = P + T, the context of the chunk
+ *   D  = dim (hidden size), F = hidden_dim (intermediate size), V = vocab
+ *   H  = query heads, KV = key/value heads, hd = head_dim, G = H / KV
+ *   Dq = H * hd, Dkv = KV * hd
+ *
+ * Conventions: weights are row-major (out_features, in_features) as in
+ * PyTorch and safetensors. RoPE is Hugging Face's "rotate_half" layout:
+ * within a head, element i pairs with element i + hd/2. llama2.c and GGUF
+ * rotate interleaved pairs (2i, 2i+1) instead; their Wq/Wk rows are permuted
+ * to this layout when loaded (pcasurgery/checkpoints.py). A row permutation
+ * of Wq or Wk does not change a PCA over its rows.
+ */
+#include <float.h>
+#include <limits.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "blas.h"
+#include "pcasurgery.h"
+
+static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
+
+int pcs_llama_config_check(const PcsLlamaConfig *c)
+{
+    if (c->dim == 0 || c->hidden_dim == 0 || c->n_layers == 0 || c->n_heads == 0 ||
+        c->n_kv_heads == 0 || c->head_dim == 0 || c->vocab_size == 0 || c->seq_len == 0)
+        return PCS_ERR_ARG;
+    if (c->n_heads % c->n_kv_heads != 0 || c->head_dim % 2 != 0)
+        return PCS_ERR_ARG;
+    size_t big = max_sz(max_sz(c->dim, c->hidden_dim), max_sz(c->vocab_size, c->seq_len));
+    if (big > (size_t)INT_MAX / 8 || c->n_heads * c->head_dim > (size_t)INT_MAX / 8)
+        return PCS_ERR_TOO_LARGE;
+    return PCS_OK;
+}
+
+/* ------------------------------------------------------------------ state */
+
+int pcs_llama_state_init(PcsLlamaState *s, const PcsLlamaConfig *c, size_t max_batch)
+{
+    memset(s, 0, sizeof(*s));
+    int status = pcs_llama_config_check(c);
+    if (status)
+        return status;
+    if (max_batch == 0)
+        return PCS_ERR_ARG;
+    const size_t B = max_batch, S = c->seq_len, D = c->dim, F = c->hidden_dim;
+    const size_t Dq = c->n_heads * c->head_dim, Dkv = c->n_kv_heads * c->head_dim;
+    const size_t half = c->head_dim / 2;
+    size_t n_floats[] = {
+        B * D,                       /* x */
+        B * max_sz(D, Dq),           /* xb */
+        B * Dq,                      /* q */
+        B * S,                       /* att */
+        B * F,                       /* hb */
+        B * F,                       /* hb2 */
+        S * half,                    /* rope_cos */
+        S * half,                    /* rope_sin */
+        c->n_layers * S * Dkv,       /* k_cache */
+        c->n_layers * S * Dkv,       /* v_cache */
+    };
+    size_t total = 0;
+    for (size_t i = 0; i < sizeof(n_floats) / sizeof(n_floats[0]); i++)
+        total += n_floats[i];
+    float *block = calloc(total, sizeof(float));
+    if (!block)
+        return PCS_ERR_NOMEM;
+    float *p = block;
+    s->x = p;        p += n_floats[0];
+    s->xb = p;       p += n_floats[1];
+    s->q = p;        p += n_floats[2];
+    s->att = p;      p += n_floats[3];
+    s->hb = p;       p += n_floats[4];
+    s->hb2 = p;      p += n_floats[5];
+    s->rope_cos = p; p += n_floats[6];
+    s->rope_sin = p; p += n_floats[7];
+    s->k_cache = p;  p += n_floats[8];
+    s->v_cache = p;
+    s->block = block;
+    s->max_batch = B;
+    s->n_cached = 0;
+    /* Hugging Face's rotary table: inv_freq_i = theta^(-2i/hd) in float32,
+     * angle = pos * inv_freq_i as a float32 product, then cos/sin. */
+    for (size_t i = 0; i < half; i++) {
+        float inv_freq = (float)(1.0 / pow(c->rope_theta, (double)(2 * i) / (double)c->head_dim));
+        for (size_t pos = 0; pos < S; pos++) {
+            float angle = (float)pos * inv_freq;
+            s->rope_cos[pos * half + i] = (float)cos((double)angle);
+            s->rope_sin[pos * half + i] = (float)sin((double)angle);
+        }
+    }
+    return PCS_OK;
+}
+
+void pcs_llama_state_free(PcsLlamaState *s)
+{
+    free(s->block);
+    memset(s, 0, sizeof(*s));
+}
+
+/* ---------------------------------------------------------------- kernels */
+
+/* out (T, D) = x (T, D) / rms(x) * w (D); rms in double, as HF does in fp32 */
+static void rmsnorm_forward(float *out, const float *x, const float *w, size_t T, size_t D,
+                            float eps)
+{
+    for (size_t t = 0; t < T; t++) {
+        const float *xt = x + t * D;
+        float *ot = out + t * D;
+        double ss = 0.0;
+        for (size_t j = 0; j < D; j++)
+            ss += (double)xt[j] * xt[j];
+        float inv = (float)(1.0 / sqrt(ss / (double)D + (double)eps));
+        for (size_t j = 0; j < D; j++)
+            ot[j] = w[j] * (xt[j] * inv);
+    }
+}
+
+/* out (T, n_out) = beta * out + x (T, n_in) @ W^T, W (n_out, n_in);
+ * ldo / ldx are row strides. One token: a gemv (bandwidth-bound decode). */
+static void matmul_forward(float *out, size_t ldo, const float *x, size_t ldx, const float *W,
+                           size_t T, size_t n_in, size_t n_out, float beta)
+{
+    if (T == 1)
+        pcs_cblas_sgemv(PcsRowMajor, PcsNoTrans, (pcs_blasint)n_out, (pcs_blasint)n_in, 1.0f,
+                        W, (pcs_blasint)n_in, x, 1, beta, out, 1);
+    else
+        pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsTrans, (pcs_blasint)T, (pcs_blasint)n_out,
+                        (pcs_blasint)n_in, 1.0f, x, (pcs_blasint)ldx, W, (pcs_blasint)n_in,
+                        beta, out, (pcs_blasint)ldo);
+}
+
+/* Rotate every head of v (T, n_heads * hd) in place, token t at position P + t. */
+static void rope_forward(float *v, const PcsLlamaState *s, size_t T, size_t P, size_t n_heads,
+                         size_t hd)
+{
+    const size_t half = hd / 2;
+    for (size_t t = 0; t < T; t++) {
+        const float *cs = s->rope_cos + (P + t) * half; /* (hd/2) */
+        const float *sn = s->rope_sin + (P + t) * half;
+        for (size_t h = 0; h < n_heads; h++) {
+            float *u = v + (t * n_heads + h) * hd; /* (hd) */
+            for (size_t i = 0; i < half; i++) {
+                float a = u[i], b = u[i + half];
+                u[i] = a * cs[i] - b * sn[i];
+                u[i + half] = b * cs[i] + a * sn[i];
+            }
+        }
+    }
+}
+
+/* Causal softmax of att (T, C) rows in place: row t sees columns <= P + t. */
+static void softmax_causal(float *att, size_t T, size_t C, size_t P)
+{
+    for (size_t t = 0; t < T; t++) {
+        float *a = att + t * C;
+        size_t n = P + t + 1; /* visible columns */
+        float mx = a[0];
+        for (size_t j = 1; j < n; j++)
+            mx = a[j] > mx ? a[j] : mx;
+        double sum = 0.0;
+        for (size_t j = 0; j < n; j++) {
+            a[j] = expf(a[j] - mx);
+            sum += a[j];
+        }
+        float inv = (float)(1.0 / sum);
+        for (size_t j = 0; j < n; j++)
+            a[j] *= inv;
+        for (size_t j = n; j < C; j++)
+            a[j] = 0.0f;
+    }
+}
+
+/* One chunk of T <= B tokens at positions P..P+T-1.
+ * logits (T or 1, V): every row when all_logits, else the last token's. */
+static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig *c,
+                          const PcsLlamaWeights *w, const int *tokens, size_t T, size_t P,
+                          int all_logits)
+{
+    const size_t D = c->dim, F = c->hidden_dim, V = c->vocab_size, S = c->seq_len;
+    const size_t H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim, G = H / KV;
+    const size_t Dq = H * hd, Dkv = KV * hd, C = P + T;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float *x = s->x;     /* (T, D) */
+    float *xb = s->xb;   /* (T, max(D, Dq)) */
+    float *q = s->q;     /* (T, Dq) */
+    float *att = s->att; /* (T, C) */
+    float *hb = s->hb;   /* (T, F) */
+    float *hb2 = s->hb2; /* (T, F) */
+
+    for (size_t t = 0; t < T; t++)
+        memcpy(x + t * D, w->tok_emb + (size_t)tokens[t] * D, D * sizeof(float));
+
+    for (size_t l = 0; l < c->n_layers; l++) {
+        const PcsLlamaLayer *L = &w->layers[l];
+        float *kc = s->k_cache + l * S * Dkv; /* (S, Dkv) */
+        float *vc = s->v_cache + l * S * Dkv; /* (S, Dkv) */
+
+        /* attention: q, k, v; K and V go straight into the cache rows P.. */
+        rmsnorm_forward(xb, x, L->attn_norm, T, D, c->rms_eps);
+        matmul_forward(q, Dq, xb, D, L->wq, T, D, Dq, 0.0f);
+        matmul_forward(kc + P * Dkv, Dkv, xb, D, L->wk, T, D, Dkv, 0.0f);
+        matmul_forward(vc + P * Dkv, Dkv, xb, D, L->wv, T, D, Dkv, 0.0f);
+        rope_forward(q, s, T, P, H, hd);
+        rope_forward(kc + P * Dkv, s, T, P, KV, hd);
+
+        /* per query head h (key/value head h / G): att = q_h K^T * scale,
+         * causal softmax, out_h = att V; out_h lands in xb (T, Dq). */
+        for (size_t h = 0; h < H; h++) {
+            const float *qh = q + h * hd;           /* (T, hd), row stride Dq */
+            const float *kh = kc + (h / G) * hd;    /* (C, hd), row stride Dkv */
+            const float *vh = vc + (h / G) * hd;    /* (C, hd), row stride Dkv */
+            float *oh = xb + h * hd;                /* (T, hd), row stride Dq */
+            if (T == 1) {
+                pcs_cblas_sgemv(PcsRowMajor, PcsNoTrans, (pcs_blasint)C, (pcs_blasint)hd,
+                                scale, kh, (pcs_blasint)Dkv, qh, 1, 0.0f, att, 1);
+            } else {
+                pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsTrans, (pcs_blasint)T,
+                                (pcs_blasint)C, (pcs_blasint)hd, scale, qh, (pcs_blasint)Dq,
+                                kh, (pcs_blasint)Dkv, 0.0f, att, (pcs_blasint)C);
+            }
+            softmax_causal(att, T, C, P);
+            if (T == 1) {
+                pcs_cblas_sgemv(PcsRowMajor, PcsTrans, (pcs_blasint)C, (pcs_blasint)hd, 1.0f,
+                                vh, (pcs_blasint)Dkv, att, 1, 0.0f, oh, 1);
+            } else {
+                pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsNoTrans, (pcs_blasint)T,
+                                (pcs_blasint)hd, (pcs_blasint)C, 1.0f, att, (pcs_blasint)C, vh,
+                                (pcs_blasint)Dkv, 0.0f, oh, (pcs_blasint)Dq);
+            }
+        }
+        /* x += out @ Wo^T */
+        matmul_forward(x, D, xb, Dq, L->wo, T, Dq, D, 1.0f);
+
+        /* SwiGLU MLP: x += W_down (silu(W_gate xn) * W_up xn) */
+        rmsnorm_forward(xb, x, L->ffn_norm, T, D, c->rms_eps);
+        matmul_forward(hb, F, xb, D, L->w_gate, T, D, F, 0.0f);
+        matmul_forward(hb2, F, xb, D, L->w_up, T, D, F, 0.0f);
+        for (size_t i = 0; i < T * F; i++) {
+            float g = hb[i];
+            hb[i] = g / (1.0f + expf(-g)) * hb2[i];
+        }
+        matmul_forward(x, D, hb, F, L->w_down, T, F, D, 1.0f);
+    }
+
+    /* final norm and the classifier, for every row or only the last */
+    if (all_logits) {
+        rmsnorm_forward(xb, x, w->final_norm, T, D, c->rms_eps);
+        matmul_forward(logits, V, xb, D, w->lm_head, T, D, V, 0.0f);
+    } else {
+        rmsnorm_forward(xb, x + (T - 1) * D, w->final_norm, 1, D, c->rms_eps);
+        matmul_forward(logits, V, xb, D, w->lm_head, 1, D, V, 0.0f);
+    }
+}
+
+int pcs_llama_forward(float *logits, PcsLlamaState *s, const PcsLlamaConfig *c,
+                      const PcsLlamaWeights *w, const int *tokens, size_t T, size_t P,
+                      int all_logits)
+{
+    if (T == 0 || P > s->n_cached || P + T > c->seq_len)
+        return PCS_ERR_ARG;
+    for (size_t t = 0; t < T; t++)
+        if (tokens[t] < 0 || (size_t)tokens[t] >= c->vocab_size)
+            return PCS_ERR_ARG;
+    const size_t B = s->max_batch, V = c->vocab_size;
+    for (size_t t0 = 0; t0 < T; t0 += B) {
+        size_t n = T - t0 < B ? T - t0 : B;
+        /* without all_logits each chunk writes its last row to logits (1, V)
+         * and the final chunk's is the one that stays */
+        forward_chunk(all_logits ? logits + t0 * V : logits, s, c, w, tokens + t0, n, P + t0,
+                      all_logits);
+        s->n_cached = P + t0 + n;
+    }
+    return PCS_OK;
+}

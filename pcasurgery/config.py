@@ -1,0 +1,62 @@
+"""LlamaConfig: the architecture numbers the forward pass needs."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture of a Llama-family decoder (Hugging Face's names).
+
+    hidden_size D, intermediate_size F, num_hidden_layers L,
+    num_attention_heads H, num_key_value_heads KV (H % KV == 0), head_dim
+    hd (default D / H), vocab_size V, max_position_embeddings (the context),
+    rms_norm_eps, rope_theta, tie_word_embeddings.
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "vocab_size",
+                     "max_position_embeddings"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"config {name} must be a positive int, got {v!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"config num_attention_heads ({self.num_attention_heads}) must be a multiple "
+                f"of num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if not self.head_dim:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"config hidden_size ({self.hidden_size}) is not divisible by "
+                    f"num_attention_heads ({self.num_attention_heads}); give head_dim"
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.head_dim % 2:
+            raise ValueError(f"config head_dim must be even (RoPE pairs), got {self.head_dim}")
+        if not (self.rms_norm_eps > 0) or not (self.rope_theta > 0):
+            raise ValueError("config rms_norm_eps and rope_theta must be positive")
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of k_proj / v_proj outputs: num_key_value_heads * head_dim."""
+        return self.num_key_value_heads * self.head_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,307 @@
+"""LlamaModel: a Llama-family decoder whose forward pass runs in C.
+
+The weights are float32 NumPy arrays owned by this object and keyed by their
+Hugging Face names; the C runtime borrows them. ``set_weight`` swaps one
+(e.g. a PCA-reconstructed k_proj) without reloading or copying the others.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _C
+from .checkpoints import expected_shapes, load_llama2c, weight_names
+from .config import LlamaConfig
+
+
+class WeightsView(Mapping):
+    """Read-only mapping name -> float32 array of a model's weights."""
+
+    def __init__(self, model: LlamaModel) -> None:
+        self._m = model
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._m._weights[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._m._weights)
+
+    def __len__(self) -> int:
+        return len(self._m._weights)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return x
+
+
+class LlamaModel:
+    """A Llama decoder: config, tokenizer and float32 weights, with the C
+    forward pass.
+
+    Parameters
+    ----------
+    config : LlamaConfig
+    weights : mapping name -> array
+        Every tensor :func:`pcasurgery.checkpoints.weight_names` lists, with
+        the shapes the config implies. Converted to C-contiguous float32.
+    tokenizer : optional
+        An object with ``encode``/``decode``/``bos_id``/``eos_id``.
+    n_ctx : int, optional
+        Context (KV-cache) length; default the config's
+        max_position_embeddings.
+    max_batch : int
+        Tokens per prefill chunk (bounds the activation buffers).
+    """
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        weights: Mapping[str, Any],
+        tokenizer: Any = None,
+        *,
+        n_ctx: int | None = None,
+        max_batch: int = 512,
+        source: str = "",
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.source = source
+        shapes = expected_shapes(config)
+        self._names = weight_names(config)
+        self._weights: dict[str, np.ndarray] = {}
+        for name in self._names:
+            if name not in weights:
+                if name == "lm_head.weight" and config.tie_word_embeddings:
+                    self._weights[name] = self._weights["model.embed_tokens.weight"]
+                    continue
+                raise KeyError(f"weights has no tensor {name!r}")
+            a = np.ascontiguousarray(weights[name], dtype=np.float32)
+            if a.shape != shapes[name]:
+                raise ValueError(
+                    f"{name} has shape {a.shape} but the config implies {shapes[name]}"
+                )
+            self._weights[name] = a
+        n_ctx = config.max_position_embeddings if n_ctx is None else n_ctx
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
+            raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
+        self.n_ctx = n_ctx
+        c = config
+        self._rt = _C.LlamaRuntime(
+            (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
+             c.num_key_value_heads, c.head_dim, c.vocab_size, n_ctx, float(c.rms_norm_eps),
+             float(c.rope_theta)),
+            [self._weights[n] for n in self._names], list(self._names), max_batch,
+        )
+
+    # ------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
+        n_ctx: int | None = None,
+    ) -> LlamaModel:
+        """Load a checkpoint. So far: a llama2.c ``.bin`` file, with its
+        tokenizer ``.bin`` given or found beside it (``tok<V>.bin`` or
+        ``tokenizer.bin``)."""
+        from .tokenizers import Llama2cTokenizer
+
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"model path {p} does not exist")
+        if p.is_file() and p.suffix == ".bin":
+            config, weights = load_llama2c(p)
+            tok = None
+            cands = [Path(tokenizer)] if tokenizer else [
+                p.with_name(f"tok{config.vocab_size}.bin"), p.with_name("tokenizer.bin")]
+            for cand in cands:
+                if cand.is_file():
+                    tok = Llama2cTokenizer(cand, vocab_size=config.vocab_size)
+                    break
+            if tokenizer and tok is None:
+                raise FileNotFoundError(f"tokenizer {tokenizer} does not exist")
+            return cls(config, weights, tok, n_ctx=n_ctx, source=str(p))
+        raise ValueError(f"{p}: not a supported checkpoint (expected a llama2.c .bin file)")
+
+    # ------------------------------------------------------------- weights
+    @property
+    def weights(self) -> WeightsView:
+        """Read-only mapping of the weights by Hugging Face name."""
+        return WeightsView(self)
+
+    def set_weight(self, name: str, array: npt_like) -> None:
+        """Replace one weight by an array of the same shape (converted to
+        C-contiguous float32; the model keeps it). Other weights are not
+        touched or copied."""
+        if name not in self._weights:
+            raise KeyError(f"no weight named {name!r}")
+        a = np.ascontiguousarray(array, dtype=np.float32)
+        if a.shape != self._weights[name].shape:
+            raise ValueError(
+                f"{name} must keep its shape {self._weights[name].shape}, got {a.shape}"
+            )
+        if not np.isfinite(a).all():
+            raise ValueError(f"{name} replacement contains NaN or Inf")
+        idx = [i for i, n in enumerate(self._names) if n == name]
+        for i in idx:
+            self._rt.set_weight(i, a)
+        self._weights[name] = a
+        self._rt.reset()
+
+    # -------------------------------------------------------------- tokens
+    def _as_tokens(self, tokens: Any, what: str = "tokens") -> np.ndarray:
+        t = np.asarray(tokens)
+        if t.ndim != 1 or (t.size and t.dtype.kind not in "iu"):
+            raise TypeError(f"{what} must be a 1-D sequence of ints")
+        if t.size == 0:
+            raise ValueError(f"{what} is empty; expected at least one token")
+        bad = (t < 0) | (t >= self.config.vocab_size)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"{what}[{i}] = {int(t[i])} is outside the vocabulary [0, {self.config.vocab_size})"
+            )
+        return t.astype(np.int64)
+
+    def _encode(self, text: str, bos: bool) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; pass token ids instead of text")
+        return self.tokenizer.encode(text, bos=bos)
+
+    # ------------------------------------------------------------- forward
+    def logits(self, tokens: Any) -> np.ndarray:
+        """Logits (T, vocab) float32 for a sequence starting at position 0."""
+        t = self._as_tokens(tokens)
+        if len(t) > self.n_ctx:
+            raise ValueError(f"{len(t)} tokens exceed the context of {self.n_ctx} tokens")
+        self._rt.reset()
+        return self._rt.forward(t, 0, True)
+
+    def generate(
+        self, prompt: str | Any | None, max_new_tokens: int = 256, temperature: float = 0.0,
+        top_p: float = 1.0, seed: int | None = None,
+    ) -> str:
+        """Continue `prompt` (text, encoded with BOS; token ids; or None for
+        BOS alone) by up to
+        max_new_tokens tokens and return the new text. Greedy at temperature
+        0; otherwise softmax(logits / temperature) sampling, restricted to the
+        top_p nucleus, reproducible for a given seed. Stops at EOS (or BOS,
+        which llama2.c models emit between stories) and at the context end."""
+        ids = self.generate_ids(prompt, max_new_tokens, temperature, top_p, seed)
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; use generate_ids")
+        return self.tokenizer.decode(ids)
+
+    def generate_ids(
+        self, prompt: str | Any | None, max_new_tokens: int = 256, temperature: float = 0.0,
+        top_p: float = 1.0, seed: int | None = None,
+    ) -> list[int]:
+        """Like :meth:`generate`, returning the new token ids."""
+        if prompt is None:  # from BOS alone, as llama2.c's run.c samples
+            t = np.array([self.config.bos_token_id], dtype=np.int64)
+        elif isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty; pass prompt=None to generate from BOS alone")
+            t = self._as_tokens(self._encode(prompt, bos=True), "prompt")
+        else:
+            t = self._as_tokens(prompt, "prompt")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        if not (temperature >= 0.0) or not np.isfinite(temperature):
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        if not (0.0 < top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if len(t) >= self.n_ctx:
+            raise ValueError(
+                f"prompt has {len(t)} tokens but the context holds {self.n_ctx}; "
+                "no room to generate"
+            )
+        rng = np.random.default_rng(seed)
+        stop = {self.config.eos_token_id, self.config.bos_token_id}
+        if self.tokenizer is not None:
+            stop |= {self.tokenizer.eos_id, self.tokenizer.bos_id}
+        self._rt.reset()
+        logits = self._rt.forward(t, 0, False)[0]
+        pos = len(t)
+        out: list[int] = []
+        while len(out) < max_new_tokens:
+            nxt = self._sample(logits, temperature, top_p, rng)
+            if nxt in stop:
+                break
+            out.append(nxt)
+            if pos >= self.n_ctx:
+                break
+            logits = self._rt.forward(np.array([nxt]), pos, False)[0]
+            pos += 1
+        return out
+
+    @staticmethod
+    def _sample(logits: np.ndarray, temperature: float, top_p: float,
+                rng: np.random.Generator) -> int:
+        if temperature == 0.0:
+            return int(np.argmax(logits))
+        logp = _log_softmax(logits / temperature)
+        p = np.exp(logp)
+        if top_p < 1.0:
+            order = np.argsort(-p, kind="stable")
+            cum = np.cumsum(p[order])
+            keep = order[: int(np.searchsorted(cum, top_p)) + 1]
+            q = p[keep] / p[keep].sum()
+            return int(keep[rng.choice(len(keep), p=q)])
+        return int(rng.choice(len(p), p=p / p.sum()))
+
+    # ------------------------------------------------------------- metrics
+    def _windows(self, text_or_tokens: str | Any, n_ctx: int) -> list[np.ndarray]:
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 2:
+            raise ValueError(f"n_ctx must be an int >= 2, got {n_ctx!r}")
+        if n_ctx > self.n_ctx:
+            raise ValueError(f"n_ctx={n_ctx} exceeds the model's context of {self.n_ctx}")
+        if isinstance(text_or_tokens, str):
+            if not text_or_tokens:
+                raise ValueError("text is empty")
+            toks = np.asarray(self._encode(text_or_tokens, bos=False), dtype=np.int64)
+        else:
+            toks = self._as_tokens(text_or_tokens)
+        bos = self.config.bos_token_id
+        w = n_ctx - 1
+        return [np.concatenate([[bos], toks[i:i + w]]) for i in range(0, len(toks), w)]
+
+    def perplexity(self, text_or_tokens: str | Any, n_ctx: int = 512) -> tuple[float, int]:
+        """Perplexity of a text (or of token ids, without BOS).
+
+        Protocol: the tokens are cut into non-overlapping windows of n_ctx - 1;
+        each window is run with a BOS in front, and every token of every window
+        is scored given BOS and the window's tokens before it (so each window's
+        first token is predicted from BOS alone). Returns
+        (exp(mean negative log-likelihood), number of tokens scored)."""
+        nll, count = 0.0, 0
+        for win in self._windows(text_or_tokens, n_ctx):
+            lp = _log_softmax(self.logits(win)[:-1])
+            nll -= float(lp[np.arange(len(win) - 1), win[1:]].sum())
+            count += len(win) - 1
+        return float(np.exp(nll / count)), count
+
+    def kl_divergence(
+        self, reference: LlamaModel, text_or_tokens: str | Any, n_ctx: int = 512,
+    ) -> tuple[float, float]:
+        """Mean KL(reference ‖ self) per token (nats) and top-1 agreement, over
+        the same windows as :meth:`perplexity`, one forward pass of each
+        model per window."""
+        if reference.config.vocab_size != self.config.vocab_size:
+            raise ValueError("reference has a different vocabulary size")
+        kl, agree, count = 0.0, 0, 0
+        for win in self._windows(text_or_tokens, n_ctx):
+            lr = _log_softmax(reference.logits(win))
+            ls = _log_softmax(self.logits(win))
+            kl += float((np.exp(lr) * (lr - ls)).sum())
+            agree += int((lr.argmax(-1) == ls.argmax(-1)).sum())
+            count += len(win)
+        return kl / count, agree / count
+
+
+npt_like = Any

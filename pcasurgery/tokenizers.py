@@ -1,0 +1,143 @@
+"""Tokenizers: the Llama-2 SentencePiece model (TinyLlama) and llama2.c's
+vocabulary format.
+
+Both expose ``encode(text, bos=True, eos=False) -> list[int]``,
+``decode(ids) -> str``, ``bos_id``, ``eos_id`` and ``vocab_size``.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+CHAT_SYSTEM = "You are a friendly chatbot."
+
+
+class Llama2cTokenizer:
+    """llama2.c's tokenizer (``tokenizer.bin`` / ``tok512.bin``), as run.c
+    encodes and decodes: a dummy-prefix space, one token per UTF-8 character
+    with byte fallback (``<0xXX>`` = id byte + 3), then repeated merging of
+    the adjacent pair whose concatenation is the highest-scoring piece.
+    BOS = 1, EOS = 2."""
+
+    bos_id = 1
+    eos_id = 2
+
+    def __init__(self, path: str | os.PathLike, vocab_size: int | None = None) -> None:
+        path = Path(path)
+        data = path.read_bytes()
+        if len(data) < 4:
+            raise ValueError(f"{path} is too short for a llama2.c tokenizer")
+        pieces: list[bytes] = []
+        scores: list[float] = []
+        off = 4
+        while off < len(data) and (vocab_size is None or len(pieces) < vocab_size):
+            if off + 8 > len(data):
+                raise ValueError(f"{path} is truncated at byte {off} (token {len(pieces)})")
+            score, n = struct.unpack_from("<fi", data, off)
+            off += 8
+            if n < 0 or off + n > len(data):
+                raise ValueError(f"{path}: token {len(pieces)} has length {n} past the end")
+            pieces.append(data[off:off + n])
+            scores.append(score)
+            off += n
+        if vocab_size is not None and len(pieces) != vocab_size:
+            raise ValueError(f"{path} holds {len(pieces)} tokens but the model has {vocab_size}")
+        self.pieces = pieces
+        self.scores = np.array(scores, dtype=np.float32)
+        self.vocab_size = len(pieces)
+        self._lookup = {p: i for i, p in enumerate(pieces)}
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        ids: list[int] = [self.bos_id] if bos else []
+        toks: list[int] = []
+        if text:
+            toks.append(self._lookup[b" "])
+        for ch in text:
+            b = ch.encode("utf-8")
+            if b in self._lookup:
+                toks.append(self._lookup[b])
+            else:
+                toks.extend(byte + 3 for byte in b)
+        pieces, scores, lookup = self.pieces, self.scores, self._lookup
+        while True:
+            best, best_i, best_id = -1e10, -1, -1
+            for i in range(len(toks) - 1):
+                j = lookup.get(pieces[toks[i]] + pieces[toks[i + 1]])
+                if j is not None and scores[j] > best:
+                    best, best_i, best_id = scores[j], i, j
+            if best_i < 0:
+                break
+            toks[best_i:best_i + 2] = [best_id]
+        ids += toks
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def piece_bytes(self, prev: int, token: int) -> bytes:
+        """run.c's decode(prev, token): the bytes token adds after prev."""
+        p = self.pieces[token]
+        if prev == self.bos_id and p.startswith(b" "):
+            p = p[1:]
+        if len(p) == 6 and p.startswith(b"<0x") and p.endswith(b">"):
+            try:
+                return bytes([int(p[3:5], 16)])
+            except ValueError:
+                return p
+        return p
+
+    def decode(self, ids: list[int] | np.ndarray) -> str:
+        out = bytearray()
+        prev = self.bos_id
+        for t in (int(i) for i in ids):
+            if not 0 <= t < self.vocab_size:
+                raise ValueError(f"token id {t} is outside the vocabulary [0, {self.vocab_size})")
+            if t in (0, self.bos_id, self.eos_id):
+                prev = t
+                continue
+            out += self.piece_bytes(prev, t)
+            prev = t
+        return out.decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model (``tokenizer.model``), e.g. Llama-2's, which
+    TinyLlama uses unchanged."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        import sentencepiece as spm
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer model {path} does not exist")
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.vocab_size = int(self.sp.get_piece_size())
+        self.bos_id = int(self.sp.bos_id())
+        self.eos_id = int(self.sp.eos_id())
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        ids = list(self.sp.encode(text))
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: list[int] | np.ndarray) -> str:
+        ids = [int(i) for i in ids]
+        for t in ids:
+            if not 0 <= t < self.vocab_size:
+                raise ValueError(f"token id {t} is outside the vocabulary [0, {self.vocab_size})")
+        return self.sp.decode(ids)
+
+
+def chat_prompt(question: str, system: str | None = CHAT_SYSTEM) -> str:
+    """TinyLlama-Chat's template (Zephyr style): ``<|system|>``, ``<|user|>``
+    and ``<|assistant|>`` turns, each message ending in ``</s>``."""
+    parts = []
+    if system is not None:
+        parts.append(f"<|system|>\n{system}</s>\n")
+    parts.append(f"<|user|>\n{question}</s>\n<|assistant|>\n")
+    return "".join(parts)
