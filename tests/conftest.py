@@ -45,3 +45,19 @@ def make_matrix(kind: str, rng: np.random.Generator, n: int, d: int) -> np.ndarr
     if kind == "lowrank":
         return with_spectrum(rng, n, d, np.array([5.0, 3.0, 2.0, 1.0, 0.5]))
     raise ValueError(kind)
+
+
+_REPORT: list[str] = []
+
+
+@pytest.fixture
+def report():
+    """report(line): a measured number to print in the test run's summary."""
+    return _REPORT.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _REPORT:
+        terminalreporter.section("measurements")
+        for line in _REPORT:
+            terminalreporter.write_line(line)
