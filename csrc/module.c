@@ -478,6 +478,92 @@ done:
 }
 
 
+
+/* ------------------------------------------------------------ to_float32 */
+
+PyDoc_STRVAR(to_float32_doc,
+"to_float32(buffer, offset, nbytes, dtype, shape) -> ndarray\n"
+"\n"
+"A new C-contiguous float32 array of `shape` from the nbytes bytes at\n"
+"`offset` of `buffer` (any object with the buffer protocol, e.g. an mmap),\n"
+"stored as dtype 'F32', 'F16' or 'BF16' (little-endian). Checks that the\n"
+"range lies inside the buffer and that nbytes = prod(shape) * itemsize.");
+
+static PyObject *to_float32(PyObject *module, PyObject *args)
+{
+    PyObject *buf_obj, *shape_obj, *result = NULL;
+    Py_ssize_t offset, nbytes;
+    const char *dt;
+    if (!PyArg_ParseTuple(args, "OnnsO:to_float32", &buf_obj, &offset, &nbytes, &dt, &shape_obj))
+        return NULL;
+    int dtype;
+    size_t item;
+    if (strcmp(dt, "F32") == 0) { dtype = PCS_DTYPE_F32; item = 4; }
+    else if (strcmp(dt, "F16") == 0) { dtype = PCS_DTYPE_F16; item = 2; }
+    else if (strcmp(dt, "BF16") == 0) { dtype = PCS_DTYPE_BF16; item = 2; }
+    else {
+        PyErr_Format(PyExc_ValueError, "dtype must be 'F32', 'F16' or 'BF16', got %R",
+                     PyTuple_GET_ITEM(args, 3));
+        return NULL;
+    }
+    PyArray_Dims shape = {NULL, 0};
+    if (!PyArray_IntpConverter(shape_obj, &shape))
+        return NULL;
+    size_t count = 1;
+    for (int i = 0; i < shape.len; i++) {
+        if (shape.ptr[i] < 0) {
+            PyErr_SetString(PyExc_ValueError, "shape must not have negative dimensions");
+            goto done_shape;
+        }
+        if (shape.ptr[i] > 0 && count > ((size_t)PY_SSIZE_T_MAX / 8) / (size_t)shape.ptr[i]) {
+            PyErr_SetString(PyExc_ValueError, "shape is too large");
+            goto done_shape;
+        }
+        count *= (size_t)shape.ptr[i];
+    }
+    if (nbytes < 0 || (size_t)nbytes != count * item) {
+        PyErr_Format(PyExc_ValueError,
+                     "nbytes (%zd) must equal prod(shape) * itemsize (%zu * %zu)", nbytes,
+                     count, item);
+        goto done_shape;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(buf_obj, &view, PyBUF_SIMPLE) < 0)
+        goto done_shape;
+    if (offset < 0 || offset > view.len || nbytes > view.len - offset) {
+        PyErr_Format(PyExc_ValueError,
+                     "bytes [%zd, %zd) lie outside the buffer of %zd bytes", offset,
+                     offset + nbytes, view.len);
+        PyBuffer_Release(&view);
+        goto done_shape;
+    }
+    if (dtype != PCS_DTYPE_F32 && ((uintptr_t)((const char *)view.buf + offset) % 2) != 0) {
+        PyErr_SetString(PyExc_ValueError, "16-bit tensor data must start at an even address");
+        PyBuffer_Release(&view);
+        goto done_shape;
+    }
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(shape.len, shape.ptr, NPY_FLOAT32);
+    if (!out) {
+        PyBuffer_Release(&view);
+        goto done_shape;
+    }
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = pcs_convert_to_f32((float *)PyArray_DATA(out), (const char *)view.buf + offset,
+                                count, dtype);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    if (status) {
+        Py_DECREF(out);
+        raise_status(module, status, "to_float32");
+        goto done_shape;
+    }
+    result = (PyObject *)out;
+done_shape:
+    PyDimMem_FREE(shape.ptr);
+    return result;
+}
+
 /* ------------------------------------------------------------ LlamaRuntime */
 
 /* The C forward pass bound to weight arrays that Python owns. `arrays`
@@ -928,6 +1014,7 @@ static PyMethodDef methods[] = {
     {"pca_project", pca_project, METH_VARARGS, pca_project_doc},
     {"pca_reconstruct", (PyCFunction)(void (*)(void))pca_reconstruct,
      METH_VARARGS | METH_KEYWORDS, pca_reconstruct_doc},
+    {"to_float32", to_float32, METH_VARARGS, to_float32_doc},
     {"set_num_threads", set_num_threads, METH_O,
      "set_num_threads(n): threads of pcasurgery's own OpenBLAS."},
     {"get_num_threads", get_num_threads, METH_NOARGS,

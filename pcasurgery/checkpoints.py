@@ -1,6 +1,7 @@
 """Reading checkpoints into float32 weight arrays named as Hugging Face names them.
 
-Supported so far: llama2.c "legacy" .bin files (stories260K and friends).
+Supported: Hugging Face folders (config.json + model.safetensors or shards,
+F32/F16/BF16) and llama2.c "legacy" .bin files (stories260K and friends).
 
 Internal conventions: every weight is a C-contiguous float32 NumPy array
 keyed by its Hugging Face name (``model.layers.0.self_attn.k_proj.weight``),
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import _C
 from .config import LlamaConfig
 
 LAYER_KEYS = (
@@ -151,3 +153,273 @@ def load_llama2c(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, np.nda
         w[p + "mlp.up_proj.weight"] = t["w3"][i]
         w[p + "mlp.down_proj.weight"] = t["w2"][i]
     return config, w
+
+
+# ---------------------------------------------------------------- safetensors
+
+SAFETENSORS_DTYPES = {  # every dtype the format defines -> bytes per value
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2,
+    "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8,
+}
+LOADABLE_DTYPES = ("F32", "F16", "BF16")
+MAX_HEADER = 100 * 2**20  # the reference implementation's limit
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], int]:
+    """Parse and validate a .safetensors header; returns ({name: entry}, data_start).
+
+    Checks, each with a clear ValueError: the header length fits the file; the
+    header is well-formed JSON (an object of objects); every dtype is one the
+    format defines; shapes are lists of non-negative ints; data_offsets lie
+    inside the data section, do not overlap, and span exactly
+    prod(shape) * itemsize bytes.
+    """
+    import json
+
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: {size} bytes, too short for a safetensors header")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise ValueError(f"{path}: header length {n} exceeds the file ({size} bytes)")
+        if n > MAX_HEADER:
+            raise ValueError(f"{path}: header length {n} exceeds the {MAX_HEADER}-byte limit")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header must be a JSON object")
+    data_start = 8 + n
+    data_len = size - data_start
+    spans = []
+    out: dict[str, dict] = {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
+            raise ValueError(f"{where} must have dtype, shape and data_offsets")
+        dt, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
+        if dt not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{where} has unknown dtype {dt!r}")
+        if not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ValueError(f"{where} has an invalid shape {shape!r}")
+        if (not isinstance(offs, list) or len(offs) != 2 or not all(
+                isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+            raise ValueError(f"{where} has invalid data_offsets {offs!r}")
+        begin, end = offs
+        if not 0 <= begin <= end <= data_len:
+            raise ValueError(
+                f"{where}: data_offsets [{begin}, {end}] lie outside the data section "
+                f"({data_len} bytes)"
+            )
+        want = int(np.prod(shape, dtype=np.int64)) * SAFETENSORS_DTYPES[dt]
+        if end - begin != want:
+            raise ValueError(
+                f"{where}: data_offsets span {end - begin} bytes but shape {shape} of {dt} "
+                f"needs {want}"
+            )
+        spans.append((begin, end, name))
+        out[name] = {"dtype": dt, "shape": tuple(shape), "begin": begin, "end": end}
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise ValueError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data section")
+    return out, data_start
+
+
+def load_safetensors(
+    path: str | os.PathLike, names: list[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Tensors of a .safetensors file as float32 arrays (F32, F16 and BF16
+    converted in C). The file is memory-mapped; the pages of each tensor are
+    released once it is converted, so the process holds one float32 copy."""
+    import mmap
+
+    path = Path(path)
+    header, data_start = read_safetensors_header(path)
+    wanted = header.keys() if names is None else names
+    out: dict[str, np.ndarray] = {}
+    if not header:
+        return out
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        for name in wanted:
+            e = header[name]
+            if e["dtype"] not in LOADABLE_DTYPES:
+                raise ValueError(
+                    f"{path}: tensor {name!r} has dtype {e['dtype']}; pcasurgery loads "
+                    f"{', '.join(LOADABLE_DTYPES)}"
+                )
+            start = data_start + e["begin"]
+            nbytes = e["end"] - e["begin"]
+            out[name] = _C.to_float32(mm, start, nbytes, e["dtype"], e["shape"])
+            if hasattr(mm, "madvise") and nbytes:
+                page = mmap.PAGESIZE
+                lo = start - start % page
+                mm.madvise(mmap.MADV_DONTNEED, lo, start + nbytes - lo)
+    return out
+
+
+# ------------------------------------------------------- Hugging Face folders
+
+def config_from_hf(d: dict, where: str = "config.json") -> LlamaConfig:
+    """LlamaConfig from a Hugging Face config.json dict (LlamaForCausalLM).
+    Unsupported architectures and RoPE scalings are refused, not guessed."""
+    arch = d.get("architectures") or []
+    if arch and "LlamaForCausalLM" not in arch:
+        raise ValueError(f"{where}: architecture {arch} is not supported (LlamaForCausalLM)")
+    if d.get("model_type", "llama") != "llama":
+        raise ValueError(f"{where}: model_type {d.get('model_type')!r} is not supported ('llama')")
+    rope = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling")
+    for s in (scaling, rope):
+        kind = (s or {}).get("rope_type", (s or {}).get("type", "default"))
+        if s and kind not in ("default", None):
+            raise ValueError(f"{where}: rope scaling {s!r} is not supported (only default RoPE)")
+    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+    for k in ("attention_bias", "mlp_bias"):
+        if d.get(k):
+            raise ValueError(f"{where}: {k}=true is not supported")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: hidden_act {d.get('hidden_act')!r} is not supported ('silu')")
+    try:
+        return LlamaConfig(
+            hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            vocab_size=d["vocab_size"],
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            head_dim=d.get("head_dim") or 0,
+            bos_token_id=_first_id(d.get("bos_token_id"), 1),
+            eos_token_id=_first_id(d.get("eos_token_id"), 2),
+        )
+    except KeyError as e:
+        raise ValueError(f"{where} lacks {e.args[0]!r}") from None
+
+
+def _first_id(v, default: int) -> int:
+    if isinstance(v, list):
+        v = v[0] if v else None
+    return default if v is None else int(v)
+
+
+def load_hf_folder(folder: str | os.PathLike) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+    """config.json plus model.safetensors, or the shards that
+    model.safetensors.index.json lists; every tensor checked against the
+    config's shapes."""
+    import json
+
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json")
+    try:
+        config = config_from_hf(json.loads(cfg_path.read_text()), str(cfg_path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
+    shapes = expected_shapes(config)
+    needed = [n for n in shapes if not (n == "lm_head.weight" and config.tie_word_embeddings)]
+    index = folder / "model.safetensors.index.json"
+    single = folder / "model.safetensors"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files: dict[str, list[str]] = {}
+        for n in needed:
+            if n not in weight_map:
+                raise ValueError(f"{index} does not list tensor {n!r}")
+            files.setdefault(weight_map[n], []).append(n)
+    elif single.is_file():
+        files = {"model.safetensors": needed}
+    else:
+        raise FileNotFoundError(f"{folder} has neither model.safetensors nor "
+                                "model.safetensors.index.json")
+    weights: dict[str, np.ndarray] = {}
+    for fname, names in files.items():
+        fpath = folder / fname
+        header, _ = read_safetensors_header(fpath)
+        for n in names:
+            if n not in header:
+                raise ValueError(f"{fpath} has no tensor {n!r}")
+            if header[n]["shape"] != shapes[n]:
+                raise ValueError(
+                    f"{fpath}: tensor {n!r} has shape {list(header[n]['shape'])} but "
+                    f"config.json implies {list(shapes[n])}"
+                )
+        weights.update(load_safetensors(fpath, names))
+    if config.tie_word_embeddings:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    return config, weights
+
+
+# ------------------------------------------------------------- model lookup
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join("~", ".cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def find_in_hf_cache(model_id: str) -> Path | None:
+    """The snapshot folder of `model_id` in the local cache (refs/main first,
+    else the newest snapshot holding a config.json), or None."""
+    repo = hf_cache_dir() / ("models--" + model_id.replace("/", "--"))
+    snaps = repo / "snapshots"
+    if not snaps.is_dir():
+        return None
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        cand = snaps / ref.read_text().strip()
+        if (cand / "config.json").is_file():
+            return cand
+    found = [d for d in snaps.iterdir() if (d / "config.json").is_file()]
+    return max(found, key=lambda d: d.stat().st_mtime) if found else None
+
+
+def resolve_model(path_or_id: str | os.PathLike) -> Path:
+    """A local path for a model argument: an existing folder or .bin file, or
+    a Hugging Face model id resolved from the local cache (downloaded only
+    when huggingface_hub is installed and the network answers)."""
+    p = Path(path_or_id).expanduser()
+    if p.is_dir():
+        return p
+    if p.is_file():
+        if p.suffix != ".bin":
+            raise ValueError(f"{p}: not a supported checkpoint (a Hugging Face folder or a "
+                             "llama2.c .bin file)")
+        return p
+    s = str(path_or_id)
+    if s.count("/") != 1 or s.startswith((".", "/", "~")) or s.endswith(".bin"):
+        raise FileNotFoundError(f"model path {s} does not exist")
+    cached = find_in_hf_cache(s)
+    if cached is not None:
+        return cached
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        snapshot_download = None
+    if snapshot_download is not None:
+        try:
+            return Path(snapshot_download(
+                s, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
+        except Exception as e:  # offline, unknown id, gated model...
+            first = (str(e).strip().splitlines() or [""])[0]
+            reason = f"downloading it failed ({type(e).__name__}: {first})"
+    else:
+        reason = "huggingface_hub is not installed, so it cannot be downloaded"
+    raise FileNotFoundError(
+        f"model {s!r} is not in the Hugging Face cache ({hf_cache_dir()}) and {reason}. "
+        f"Download it where there is a network (`huggingface-cli download {s}`) or pass "
+        "the path of a local folder with config.json and model.safetensors."
+    )

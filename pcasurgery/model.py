@@ -103,30 +103,40 @@ class LlamaModel:
     # ------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
+        cls, path_or_id: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
         n_ctx: int | None = None,
     ) -> LlamaModel:
-        """Load a checkpoint. So far: a llama2.c ``.bin`` file, with its
-        tokenizer ``.bin`` given or found beside it (``tok<V>.bin`` or
-        ``tokenizer.bin``)."""
-        from .tokenizers import Llama2cTokenizer
+        """Load a model from
+        - a Hugging Face folder (config.json, model.safetensors or shards,
+          tokenizer.model or tokenizer.json);
+        - a model id such as ``TinyLlama/TinyLlama-1.1B-Chat-v1.0``, found in
+          the local Hugging Face cache (downloaded only when huggingface_hub
+          is installed and the network answers);
+        - a llama2.c ``.bin`` checkpoint, its tokenizer ``.bin`` given or found
+          beside it (``tok<V>.bin`` or ``tokenizer.bin``).
+        n_ctx limits the context (and the KV cache)."""
+        from .checkpoints import load_hf_folder, resolve_model
+        from .tokenizers import Llama2cTokenizer, load_hf_tokenizer
 
-        p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"model path {p} does not exist")
-        if p.is_file() and p.suffix == ".bin":
-            config, weights = load_llama2c(p)
-            tok = None
-            cands = [Path(tokenizer)] if tokenizer else [
-                p.with_name(f"tok{config.vocab_size}.bin"), p.with_name("tokenizer.bin")]
-            for cand in cands:
-                if cand.is_file():
-                    tok = Llama2cTokenizer(cand, vocab_size=config.vocab_size)
-                    break
-            if tokenizer and tok is None:
-                raise FileNotFoundError(f"tokenizer {tokenizer} does not exist")
+        p = resolve_model(path_or_id)
+        if p.is_dir():
+            config, weights = load_hf_folder(p)
+            tok = load_hf_tokenizer(Path(tokenizer) if tokenizer else p)
+            if tok is not None and tok.vocab_size > config.vocab_size:
+                raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model "
+                                 f"only {config.vocab_size}")
             return cls(config, weights, tok, n_ctx=n_ctx, source=str(p))
-        raise ValueError(f"{p}: not a supported checkpoint (expected a llama2.c .bin file)")
+        config, weights = load_llama2c(p)
+        tok = None
+        cands = [Path(tokenizer)] if tokenizer else [
+            p.with_name(f"tok{config.vocab_size}.bin"), p.with_name("tokenizer.bin")]
+        for cand in cands:
+            if cand.is_file():
+                tok = Llama2cTokenizer(cand, vocab_size=config.vocab_size)
+                break
+        if tokenizer and tok is None:
+            raise FileNotFoundError(f"tokenizer {tokenizer} does not exist")
+        return cls(config, weights, tok, n_ctx=n_ctx, source=str(p))
 
     # ------------------------------------------------------------- weights
     @property

@@ -133,6 +133,45 @@ class SentencePieceTokenizer:
         return self.sp.decode(ids)
 
 
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` through the `tokenizers` library,
+    for checkpoints that ship no tokenizer.model."""
+
+    def __init__(self, path: str | os.PathLike, bos_id: int = 1, eos_id: int = 2) -> None:
+        from tokenizers import Tokenizer
+
+        self.tk = Tokenizer.from_file(str(path))
+        self.vocab_size = int(self.tk.get_vocab_size())
+        self.bos_id, self.eos_id = bos_id, eos_id
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        ids = [i for i in self.tk.encode(text, add_special_tokens=False).ids]
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: list[int] | np.ndarray) -> str:
+        ids = [int(i) for i in ids]
+        for t in ids:
+            if not 0 <= t < self.vocab_size:
+                raise ValueError(f"token id {t} is outside the vocabulary [0, {self.vocab_size})")
+        return self.tk.decode(ids, skip_special_tokens=True)
+
+
+def load_hf_tokenizer(path: str | os.PathLike) -> SentencePieceTokenizer | HFTokenizer | None:
+    """The tokenizer of a Hugging Face folder (tokenizer.model preferred, as
+    TinyLlama's is the Llama-2 SentencePiece model), a tokenizer file, or
+    None when the folder has neither."""
+    p = Path(path)
+    if p.is_file():
+        return HFTokenizer(p) if p.suffix == ".json" else SentencePieceTokenizer(p)
+    if (p / "tokenizer.model").is_file():
+        return SentencePieceTokenizer(p / "tokenizer.model")
+    if (p / "tokenizer.json").is_file():
+        return HFTokenizer(p / "tokenizer.json")
+    return None
+
+
 def chat_prompt(question: str, system: str | None = CHAT_SYSTEM) -> str:
     """TinyLlama-Chat's template (Zephyr style): ``<|system|>``, ``<|user|>``
     and ``<|assistant|>`` turns, each message ending in ``</s>``."""

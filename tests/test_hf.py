@@ -1,0 +1,204 @@
+"""Hugging Face folders against transformers' LlamaForCausalLM (PyTorch, CPU).
+
+The checkpoints are written by transformers itself (save_pretrained) with
+random weights, in bf16 and f32, single-file and sharded; the reference
+model is transformers loading the same folder in float32.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+from hf_fixtures import SMALL_CONFIGS, make_hf_model, save_hf, write_safetensors  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+
+from pcasurgery import LlamaModel  # noqa: E402
+from pcasurgery.checkpoints import load_safetensors, read_safetensors_header  # noqa: E402
+
+torch.set_num_threads(2)
+CASES = [(k, dt, sh) for k in SMALL_CONFIGS for dt, sh in (("f32", False), ("bf16", True),
+                                                           ("bf16", False))]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    out = {}
+    for key, dtype, sharded in CASES:
+        folder = tmp_path_factory.mktemp(f"{key}-{dtype}-{'sharded' if sharded else 'single'}")
+        save_hf(make_hf_model(SMALL_CONFIGS[key]), folder, dtype, sharded)
+        ref = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        out[key, dtype, sharded] = (folder, ref)
+    return out
+
+
+def hf_logits(ref, tokens) -> np.ndarray:
+    with torch.no_grad():
+        return ref(torch.tensor(np.asarray(tokens))[None]).logits[0].double().numpy()
+
+
+# Both sides compute in float32 with different summation orders: the logits
+# (|logits| up to ~7 here) agree to ~2e-6 relative; 2e-5 of the largest
+# leaves a 10x margin. bf16 files are compared after the same bf16 -> f32
+# widening on both sides, so the dtype does not change the tolerance.
+def assert_logits_close(got, want):
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("key,dtype,sharded", CASES)
+def test_prefill_and_decode_logits_match_transformers(checkpoints, key, dtype, sharded):
+    folder, ref = checkpoints[key, dtype, sharded]
+    if sharded:
+        assert (folder / "model.safetensors.index.json").is_file()
+    ours = LlamaModel.from_pretrained(folder)
+    cfg = SMALL_CONFIGS[key]
+    tokens = np.random.default_rng(1).integers(3, cfg["vocab_size"], 48)
+    want = hf_logits(ref, tokens)
+    assert_logits_close(ours.logits(tokens), want)
+    ours._rt.reset()
+    steps = np.vstack([ours._rt.forward(np.array([t]), i, False) for i, t in enumerate(tokens)])
+    assert_logits_close(steps, want)
+
+
+@pytest.mark.parametrize("key", list(SMALL_CONFIGS))
+def test_greedy_50_tokens_identical(checkpoints, key):
+    folder, ref = checkpoints[key, "bf16", True]
+    ours = LlamaModel.from_pretrained(folder)
+    prompt = [1, 17, 99, 42, 7]
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=50, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    # we stop at EOS or BOS; compare up to the first of those in transformers' output
+    stop = next((i for i, t in enumerate(out) if t in (1, 2)), len(out))
+    assert ours.generate_ids(prompt, max_new_tokens=50) == out[:stop]
+    assert stop >= 10  # the comparison is not vacuous
+
+
+def test_perplexity_equals_transformers(checkpoints):
+    folder, ref = checkpoints["gqa8", "bf16", False]
+    ours = LlamaModel.from_pretrained(folder)
+    ids = np.random.default_rng(2).integers(3, 320, 100)
+    ppl, n = ours.perplexity(ids, n_ctx=32)
+    assert n == 100
+    nll = 0.0
+    for i in range(0, 100, 31):  # windows of n_ctx - 1 = 31, BOS in front
+        win = np.concatenate([[1], ids[i:i + 31]])
+        lg = hf_logits(ref, win)[:-1]
+        lp = lg - lg.max(-1, keepdims=True)
+        lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+        nll -= lp[np.arange(len(win) - 1), win[1:]].sum()
+    assert ppl == pytest.approx(np.exp(nll / n), rel=1e-5)
+
+
+def test_kl_to_itself_is_zero_and_to_a_changed_model_positive(checkpoints):
+    folder, _ = checkpoints["gqa8", "f32", False]
+    a = LlamaModel.from_pretrained(folder)
+    b = LlamaModel.from_pretrained(folder)
+    ids = np.random.default_rng(3).integers(3, 320, 60)
+    kl, top1 = b.kl_divergence(a, ids, n_ctx=64)
+    assert kl == pytest.approx(0.0, abs=1e-9) and top1 == 1.0
+    name = "model.layers.0.self_attn.v_proj.weight"
+    b.set_weight(name, b.weights[name] * 0.5)
+    kl, top1 = b.kl_divergence(a, ids, n_ctx=64)
+    assert kl > 1e-3 and top1 < 1.0
+
+
+# -------------------------------------------------------------- bad files
+
+def small_folder(tmp_path, checkpoints):
+    folder, _ = checkpoints["gqa8", "f32", False]
+    dst = tmp_path / "m"
+    dst.mkdir()
+    for f in folder.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_lying_safetensors_are_rejected(tmp_path):
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    ok = write_safetensors(tmp_path / "ok.safetensors", {"a": a})
+    np.testing.assert_array_equal(load_safetensors(ok)["a"], a)
+    cases = {
+        "header length": dict(header_len=10_000),
+        "not valid JSON": dict(raw_header=b'{"a": {"dtype": "F32",'),
+        "must be a JSON object": dict(raw_header=b"[1, 2]"),
+        "unknown dtype 'F31'": dict(header_override={"a": {"dtype": "F31"}}),
+        "lie outside the data section": dict(header_override={"a": {"data_offsets": [0, 4000]}}),
+        "span 24 bytes but shape": dict(header_override={"a": {"shape": [2, 2]}}),
+        "invalid shape": dict(header_override={"a": {"shape": [2, -3]}}),
+        "invalid data_offsets": dict(header_override={"a": {"data_offsets": [0]}}),
+        "overlap": dict(header_override={"b": {"dtype": "F32", "shape": [2],
+                                               "data_offsets": [8, 16]}}),
+    }
+    for msg, kw in cases.items():
+        bad = write_safetensors(tmp_path / "bad.safetensors", {"a": a}, **kw)
+        with pytest.raises(ValueError, match=msg):
+            read_safetensors_header(bad)
+    (tmp_path / "tiny.safetensors").write_bytes(b"\x01\x02")
+    with pytest.raises(ValueError, match="too short"):
+        read_safetensors_header(tmp_path / "tiny.safetensors")
+    i64 = write_safetensors(tmp_path / "i64.safetensors", {"a": a},
+                            header_override={"a": {"dtype": "I32"}})
+    with pytest.raises(ValueError, match="has dtype I32; pcasurgery loads F32, F16, BF16"):
+        load_safetensors(i64)
+
+
+def test_bad_folders(tmp_path, checkpoints):
+    m = small_folder(tmp_path, checkpoints)
+    cfg = json.loads((m / "config.json").read_text())
+
+    def with_config(**changes):
+        d = dict(cfg)
+        d.update(changes)
+        (m / "config.json").write_text(json.dumps(d))
+
+    with_config(rope_scaling={"rope_type": "linear", "factor": 2.0})
+    with pytest.raises(ValueError, match="rope scaling .* is not supported"):
+        LlamaModel.from_pretrained(m)
+    with_config(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0})
+    with pytest.raises(ValueError, match="rope scaling .* is not supported"):
+        LlamaModel.from_pretrained(m)
+    with_config(architectures=["MistralForCausalLM"])
+    with pytest.raises(ValueError, match="architecture .* is not supported"):
+        LlamaModel.from_pretrained(m)
+    with_config(intermediate_size=200)
+    with pytest.raises(ValueError, match=r"has shape \[176, 64\] but config.json implies \[200, 64\]"):
+        LlamaModel.from_pretrained(m)
+    with_config()
+    st = m / "model.safetensors"
+    header, start = read_safetensors_header(st)
+    # a missing tensor: rewrite the file without one layer norm
+    from safetensors.numpy import load_file, save_file
+    t = load_file(st)
+    del t["model.layers.1.input_layernorm.weight"]
+    save_file(t, st)
+    with pytest.raises(ValueError, match="has no tensor 'model.layers.1.input_layernorm.weight'"):
+        LlamaModel.from_pretrained(m)
+    st.write_bytes(st.read_bytes()[:1000])  # truncated
+    with pytest.raises(ValueError, match="lie outside the data section|exceeds the file"):
+        LlamaModel.from_pretrained(m)
+    (m / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        LlamaModel.from_pretrained(m)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LlamaModel.from_pretrained(tmp_path / "nowhere")
+
+
+def test_model_id_from_hf_cache(tmp_path, checkpoints, monkeypatch):
+    folder, ref = checkpoints["tied", "bf16", False]
+    snap = tmp_path / "hub" / "models--Org--tiny" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    for f in folder.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "hub" / "models--Org--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--Org--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    m = LlamaModel.from_pretrained("Org/tiny")
+    assert m.source == str(snap)
+    assert_logits_close(m.logits([1, 5, 9]), hf_logits(ref, [1, 5, 9]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="is not in the Hugging Face cache .* pass the path of a local folder"):
+        LlamaModel.from_pretrained("Org/absent")
