@@ -178,9 +178,11 @@ class LlamaModel:
             )
         return t.astype(np.int64)
 
-    def _encode(self, text: str, bos: bool) -> list[int]:
+    def _encode(self, text: str, bos: bool, special: bool = False) -> list[int]:
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer; pass token ids instead of text")
+        if special:
+            return self.tokenizer.encode(text, bos=bos, special=True)
         return self.tokenizer.encode(text, bos=bos)
 
     # ------------------------------------------------------------- forward
@@ -194,22 +196,24 @@ class LlamaModel:
 
     def generate(
         self, prompt: str | Any | None, max_new_tokens: int = 256, temperature: float = 0.0,
-        top_p: float = 1.0, seed: int | None = None,
+        top_p: float = 1.0, seed: int | None = None, chat: bool = False,
     ) -> str:
         """Continue `prompt` (text, encoded with BOS; token ids; or None for
         BOS alone) by up to
         max_new_tokens tokens and return the new text. Greedy at temperature
         0; otherwise softmax(logits / temperature) sampling, restricted to the
         top_p nucleus, reproducible for a given seed. Stops at EOS (or BOS,
-        which llama2.c models emit between stories) and at the context end."""
-        ids = self.generate_ids(prompt, max_new_tokens, temperature, top_p, seed)
+        which llama2.c models emit between stories) and at the context end.
+        chat=True wraps a text prompt in TinyLlama-Chat's template
+        (:func:`pcasurgery.tokenizers.chat_prompt`)."""
+        ids = self.generate_ids(prompt, max_new_tokens, temperature, top_p, seed, chat)
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer; use generate_ids")
         return self.tokenizer.decode(ids)
 
     def generate_ids(
         self, prompt: str | Any | None, max_new_tokens: int = 256, temperature: float = 0.0,
-        top_p: float = 1.0, seed: int | None = None,
+        top_p: float = 1.0, seed: int | None = None, chat: bool = False,
     ) -> list[int]:
         """Like :meth:`generate`, returning the new token ids."""
         if prompt is None:  # from BOS alone, as llama2.c's run.c samples
@@ -217,7 +221,13 @@ class LlamaModel:
         elif isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty; pass prompt=None to generate from BOS alone")
-            t = self._as_tokens(self._encode(prompt, bos=True), "prompt")
+            if chat:
+                from .tokenizers import chat_prompt
+
+                t = self._as_tokens(self._encode(chat_prompt(prompt), bos=True, special=True),
+                                    "prompt")
+            else:
+                t = self._as_tokens(self._encode(prompt, bos=True), "prompt")
         else:
             t = self._as_tokens(prompt, "prompt")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:

@@ -7,6 +7,7 @@ Both expose ``encode(text, bos=True, eos=False) -> list[int]``,
 from __future__ import annotations
 
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -50,9 +51,18 @@ class Llama2cTokenizer:
         self.vocab_size = len(pieces)
         self._lookup = {p: i for i, p in enumerate(pieces)}
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool = True, eos: bool = False,
+               special: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        if special:  # literal <s> / </s> -> BOS / EOS, the text between encoded alone
+            ids = [self.bos_id] if bos else []
+            for part in re.split(r"(</?s>)", text):
+                if part in ("<s>", "</s>"):
+                    ids.append(self.bos_id if part == "<s>" else self.eos_id)
+                elif part:
+                    ids += self.encode(part, bos=False)
+            return ids + ([self.eos_id] if eos else [])
         ids: list[int] = [self.bos_id] if bos else []
         toks: list[int] = []
         if text:
@@ -119,11 +129,31 @@ class SentencePieceTokenizer:
         self.bos_id = int(self.sp.bos_id())
         self.eos_id = int(self.sp.eos_id())
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool = True, eos: bool = False,
+               special: bool = False) -> list[int]:
+        """Token ids of text. special=True turns the literal strings ``<s>``
+        and ``</s>`` into BOS/EOS (as chat templates need) and encodes the
+        text after each without SentencePiece's dummy-prefix space, as
+        transformers' non-legacy Llama tokenizer does."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        ids = list(self.sp.encode(text))
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+        ids: list[int] = [self.bos_id] if bos else []
+        after_special = False
+        for part in re.split(r"(</?s>)", text) if special else [text]:
+            if special and part in ("<s>", "</s>"):
+                ids.append(self.bos_id if part == "<s>" else self.eos_id)
+                after_special = True
+            elif part:
+                ids += self._encode_part(part, after_special)
+                after_special = False
+        return ids + ([self.eos_id] if eos else [])
+
+    def _encode_part(self, text: str, no_prefix: bool) -> list[int]:
+        if not no_prefix:
+            return list(self.sp.encode(text))
+        # encode "<unk>" + text and drop the "<unk>" pieces: no dummy prefix
+        n = len(self.sp.encode("<unk>"))
+        return list(self.sp.encode("<unk>" + text))[n:]
 
     def decode(self, ids: list[int] | np.ndarray) -> str:
         ids = [int(i) for i in ids]
@@ -144,7 +174,10 @@ class HFTokenizer:
         self.vocab_size = int(self.tk.get_vocab_size())
         self.bos_id, self.eos_id = bos_id, eos_id
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool = True, eos: bool = False,
+               special: bool = False) -> list[int]:
+        """special: the tokenizer.json's own special tokens (e.g. ``</s>``)
+        are always recognised in text by the tokenizers library."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         ids = [i for i in self.tk.encode(text, add_special_tokens=False).ids]
