@@ -70,9 +70,9 @@ def blas_options() -> dict:
 
 
 def build_flags() -> tuple[list[str], list[str]]:
-    cflags = ["-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter",
+    cflags = ["-std=c11", "-pthread", "-Wall", "-Wextra", "-Wno-unused-parameter",
               "-Wno-missing-field-initializers", "-fno-math-errno"]
-    ldflags: list[str] = []
+    ldflags: list[str] = ["-pthread"]
     if os.environ.get("PCASURGERY_DEBUG") == "1":
         cflags += ["-O0", "-g", "-UNDEBUG"]
     else:

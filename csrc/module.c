@@ -550,7 +550,7 @@ static PyObject *to_float32(PyObject *module, PyObject *args)
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = pcs_convert_to_f32((float *)PyArray_DATA(out), (const char *)view.buf + offset,
-                                count, dtype);
+                                count, dtype, pcs_get_num_threads());
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
     if (status) {

@@ -149,8 +149,9 @@ int pcs_llama_forward(float *logits, PcsLlamaState *s, const PcsLlamaConfig *c,
 /* ---- checkpoint storage formats (convert.c) */
 enum { PCS_DTYPE_F32 = 0, PCS_DTYPE_F16 = 1, PCS_DTYPE_BF16 = 2 };
 /* out (n) float32 = the n little-endian values of `dtype` at src (which
- * need not be aligned for F32; 2-byte aligned for F16/BF16). */
-int pcs_convert_to_f32(float *out, const void *src, size_t n, int dtype);
+ * need not be aligned for F32; 2-byte aligned for F16/BF16), split over up
+ * to n_threads threads. */
+int pcs_convert_to_f32(float *out, const void *src, size_t n, int dtype, int n_threads);
 
 /* ---- threads (pca.c): our OpenBLAS's own pool */
 void pcs_set_num_threads(int n);

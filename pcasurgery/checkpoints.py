@@ -249,7 +249,8 @@ def load_safetensors(
     if not header:
         return out
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        for name in wanted:
+        # one pass in file order (sequential reads), whatever order was asked
+        for name in sorted(wanted, key=lambda n: header[n]["begin"]):
             e = header[name]
             if e["dtype"] not in LOADABLE_DTYPES:
                 raise ValueError(

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the C core with AddressSanitizer + UndefinedBehaviorSanitizer in a
 # scratch copy of the tree and run the given tests against it.
-#   tools/sanitize.sh [pytest args...]    (default: tests/test_pca.py tests/test_memory.py)
+#   tools/sanitize.sh [pytest args...]    (default: the whole suite)
 # Needs gcc with libasan/libubsan (Debian's gcc has them) and the test extras.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
@@ -17,5 +17,5 @@ export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:strict_string_checks=1"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 export PCASURGERY_SHARED="${PCASURGERY_SHARED:-$here/../shared}"
 python -c "import pcasurgery, sys; assert pcasurgery.__file__.startswith('$work'), pcasurgery.__file__"
-if [ $# -eq 0 ]; then set -- tests/test_pca.py tests/test_memory.py; fi
+if [ $# -eq 0 ]; then set -- tests; fi
 python -m pytest -q -p no:cacheprovider "$@"
