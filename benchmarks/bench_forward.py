@@ -7,8 +7,8 @@ bf16 weights, one model.safetensors, written by transformers (cached in
 thread pools are its own) with the same number of threads:
   load time, prefill tokens/s on a 512-token prompt, decode tokens/s, peak RSS.
 The machine's limits are measured in the same run: sgemm GFLOP/s (NumPy's
-OpenBLAS, 2048^3) and read bandwidth (a multi-threaded sgemv streaming a
-2 GiB matrix, as each decode step streams the weights).
+OpenBLAS, 2048^3) and read bandwidth (the best multi-threaded sgemv of our
+OpenBLAS streaming a 2-4 GiB matrix, as each decode step streams the weights).
 
 Bounds: prefill <= sgemm peak / 2.07 GFLOP per token; decode <= bandwidth /
 4.1 GB of float32 weights per token.
@@ -115,8 +115,15 @@ def run_transformers(folder: Path, threads: int, n_decode: int) -> dict:
 
 
 def machine_limits(threads: int) -> dict:
+    """sgemm GFLOP/s (NumPy's OpenBLAS, 2048^3) and read bandwidth: the best
+    of a few multi-threaded sgemv calls of our own OpenBLAS streaming 1-2 GiB
+    matrices, weight-shaped and square (each decode step is such a stream)."""
+    import ctypes
+
     import numpy as np
     from threadpoolctl import threadpool_limits
+
+    import pcasurgery
 
     with threadpool_limits(threads):
         a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
@@ -125,13 +132,21 @@ def machine_limits(threads: int) -> dict:
         for _ in range(5):
             a @ a
         gflops = 5 * 2 * 2048**3 / (time.perf_counter() - t0) / 1e9
-        # read bandwidth as decode sees it: a multi-threaded sgemv that
-        # streams a 2 GiB matrix once (what each decode step does)
-        A = np.ones((2**15, 2**14), dtype=np.float32)
-        v = np.ones(2**14, dtype=np.float32)
-        A @ v
-        best = min(_timed(lambda: A @ v) for _ in range(3))
-        bw = A.nbytes / best / 1e9
+        del a
+        pcasurgery.set_num_threads(threads)
+        lib = ctypes.CDLL(pcasurgery.blas_library())
+        sgemv = getattr(lib, "scipy_cblas_sgemv", None) or lib.cblas_sgemv
+        P = np.ctypeslib.ndpointer(np.float32, flags="C")
+        I, F = ctypes.c_int, ctypes.c_float
+        sgemv.argtypes = [I, I, I, I, F, P, I, P, I, F, P, I]
+        bw = 0.0
+        for M, N in ((2**19, 2048), (2**15, 2**14)):
+            A = np.ones((M, N), dtype=np.float32)
+            x, y = np.ones(N, np.float32), np.empty(M, np.float32)
+            for _ in range(4):  # first call pages the matrix in
+                t = _timed(lambda: sgemv(101, 111, M, N, 1.0, A, N, x, 1, 0.0, y, 1))
+                bw = max(bw, A.nbytes / t / 1e9)
+            del A
     return dict(sgemm_gflops=gflops, read_gbps=bw)
 
 
