@@ -206,10 +206,12 @@ class LlamaModel:
         which llama2.c models emit between stories) and at the context end.
         chat=True wraps a text prompt in TinyLlama-Chat's template
         (:func:`pcasurgery.tokenizers.chat_prompt`)."""
-        ids = self.generate_ids(prompt, max_new_tokens, temperature, top_p, seed, chat)
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer; use generate_ids")
-        return self.tokenizer.decode(ids)
+        ids = self.generate_ids(prompt, max_new_tokens, temperature, top_p, seed, chat)
+        # ids past the tokenizer's vocabulary (padding rows of a larger
+        # embedding) have no text: they are left out
+        return self.tokenizer.decode([i for i in ids if i < self.tokenizer.vocab_size])
 
     def generate_ids(
         self, prompt: str | Any | None, max_new_tokens: int = 256, temperature: float = 0.0,

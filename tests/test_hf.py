@@ -202,3 +202,37 @@ def test_model_id_from_hf_cache(tmp_path, checkpoints, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="is not in the Hugging Face cache .* pass the path of a local folder"):
         LlamaModel.from_pretrained("Org/absent")
+
+
+def test_f16_and_bf16_tensors_widen_exactly(tmp_path):
+    rng = np.random.default_rng(4)
+    h = (rng.standard_normal((7, 5)) * 100).astype(np.float16)
+    h[0, :4] = [np.inf, -np.inf, 6e-8, -0.0]  # infinities, a subnormal, -0
+    p = write_safetensors(tmp_path / "h.safetensors", {"h": h})
+    got = load_safetensors(p)["h"]
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, h.astype(np.float32))
+    assert np.signbit(got[0, 3])
+    t = torch.tensor(rng.standard_normal((3, 4)), dtype=torch.bfloat16)
+    from safetensors.torch import save_file
+    save_file({"b": t}, str(tmp_path / "b.safetensors"))
+    np.testing.assert_array_equal(load_safetensors(tmp_path / "b.safetensors")["b"],
+                                  t.float().numpy())
+
+
+def test_tokenizer_json_folder(tmp_path, checkpoints):
+    """A folder with tokenizer.json (no tokenizer.model) uses the tokenizers library."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+
+    m = small_folder(tmp_path, checkpoints)
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(["the cat sat on the mat", "a dog ran in the park"] * 50, trainer)
+    tk.save(str(m / "tokenizer.json"))
+    model = LlamaModel.from_pretrained(m)
+    ids = model.tokenizer.encode("the cat ran")
+    assert ids[0] == 1 and model.tokenizer.decode(ids) == "the cat ran"
+    assert isinstance(model.generate("the cat", max_new_tokens=5), str)
