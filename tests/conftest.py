@@ -15,6 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PCASURGERY_SHARED", ROOT.parent / "shared"))
 
 
+def pytest_sessionstart(session):
+    """Locally, tests that need ../shared skip without it; in CI (CI=true) a
+    missing ../shared is an error, so that those tests cannot vanish."""
+    if os.environ.get("CI", "").lower() in ("1", "true") and not (SHARED / "models").is_dir():
+        raise pytest.UsageError(
+            f"CI=true but the shared test data is missing: {SHARED} (set PCASURGERY_SHARED)"
+        )
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(20261128)
