@@ -1,0 +1,67 @@
+"""What a surgery did to the model: perplexity, KL divergence to the unmodified
+model, top-1 agreement, a generated sample, and the eval text itself.
+
+The base model's log-probabilities are computed once, before any surgery;
+each setting then costs one forward pass per window.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .model import LlamaModel, _log_softmax
+
+
+@dataclass
+class Quality:
+    perplexity: float
+    kl: float           # mean KL(base || surgered) per token, nats
+    top1: float         # fraction of positions whose argmax agrees with the base
+    tokens: int         # tokens scored
+    seconds: float
+
+
+def default_eval_tokens(model: LlamaModel, n_tokens: int, seed: int = 0) -> np.ndarray:
+    """Eval text when none is given: the unmodified model's own sample
+    (temperature 1, top-p 0.95, fixed seed) from BOS, so the default needs no
+    data. Token ids without BOS."""
+    out: list[int] = []
+    s = seed
+    while len(out) < n_tokens:  # a sample may stop at EOS early: continue with another seed
+        need = n_tokens - len(out)
+        ids = model.generate_ids(None, max_new_tokens=min(need, model.n_ctx - 1),
+                                 temperature=1.0, top_p=0.95, seed=s)
+        out += ids if ids else [model.config.bos_token_id]
+        s += 1
+    return np.asarray(out[:n_tokens], dtype=np.int64)
+
+
+class Evaluator:
+    """Scores the current weights of `model` against the weights it has now.
+
+    tokens: eval token ids (without BOS); windows of n_ctx - 1, each after a
+    BOS, as :meth:`LlamaModel.perplexity` does.
+    """
+
+    def __init__(self, model: LlamaModel, tokens: Any, n_ctx: int = 512) -> None:
+        self.model = model
+        self.windows = model._windows(tokens, n_ctx)
+        self.base = [_log_softmax(model.logits(w)) for w in self.windows]
+        self.base_quality = self.evaluate()
+
+    def evaluate(self) -> Quality:
+        t0 = time.perf_counter()
+        nll = kl = 0.0
+        agree = count = scored = 0
+        for w, lb in zip(self.windows, self.base):
+            ls = _log_softmax(self.model.logits(w))
+            nll -= float(ls[np.arange(len(w) - 1), w[1:]].sum())
+            kl += float((np.exp(lb) * (lb - ls)).sum())
+            agree += int((lb.argmax(-1) == ls.argmax(-1)).sum())
+            count += len(w)
+            scored += len(w) - 1
+        return Quality(float(np.exp(nll / scored)), kl / count, agree / count, scored,
+                       time.perf_counter() - t0)
