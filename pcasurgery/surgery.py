@@ -173,9 +173,11 @@ class Surgery:
     def budget(self, ks: dict[str, int]) -> dict[str, float]:
         """Storage a factored model would need at these ranks.
 
-        params: for each group, the basis (k x d) + every member's
-        coefficients (rows x k) + the mean (d, when centered), against the
-        dense matrices' rows x d.
+        params: over the q, k and v projections of every layer, touched or
+        not: each group's basis (k x d) + every member's coefficients
+        (rows x k) + the mean (d, when centered), plus the untouched matrices
+        at full size, against all of them dense. (So modes that touch
+        different matrices compare on the same denominator.)
         kv_latent: floats a latent KV cache holds per token: per layer the
         coefficients of the hidden state in the K/V basis, k for a shared
         K/V basis (+1 for the mean term when centered) or k_K + k_V (+2) for
@@ -184,11 +186,17 @@ class Surgery:
         """
         c = self.model.config
         d = c.hidden_size
+        touched = {n for g in self.groups for n in g.names}
         dense = factored = 0
+        for layer in range(c.num_hidden_layers):
+            for p in PROJS:
+                size = self.model.weights[proj_name(layer, p)].size
+                dense += size
+                if proj_name(layer, p) not in touched:
+                    factored += size
         for g in self.groups:
             k = ks[g.label]
             rows = sum(self._originals[n].shape[0] for n in g.names)
-            dense += rows * d
             factored += k * d + rows * k + (d if self.center else 0)
         kv_dense = 2 * c.kv_dim * c.num_hidden_layers
         kv = 0

@@ -149,6 +149,10 @@ def test_budget_counts(model):
     # per layer: q (64 rows) and k|v (2 * 32 rows), basis + coefficients + mean
     assert b["params_factored"] == L * ((4 * d + 64 * 4 + d) + (4 * d + 64 * 4 + d))
     assert b["params_dense"] == L * (64 * d + 64 * d)
+    # a mode touching only some matrices counts the others at full size
+    kv_only = Surgery(model, "shared-kv", proj="k,v").fit()
+    assert kv_only.budget(kv_only.ks_for(rank=4))["params_factored"] == L * (
+        64 * d + (4 * d + 64 * 4 + d))
     assert b["kv_latent_per_token"] == L * (4 + 1) and b["kv_dense_per_token"] == 2 * kvd * L
     sep = Surgery(model, "separate").fit()
     assert sep.budget(sep.ks_for(rank=4))["kv_latent_per_token"] == L * 2 * (4 + 1)

@@ -1,0 +1,137 @@
+"""Writing results and models to disk, atomically: a failed or interrupted
+write leaves nothing half-written behind."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .model import LlamaModel
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "generation_config.json")
+
+
+@contextmanager
+def staging_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside `target`; on success its files are moved
+    into `target` (created if needed) one atomic rename each; on error it is
+    removed and `target` is untouched."""
+    target = Path(target)
+    parent = target.parent if str(target.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    try:
+        yield tmp
+        if not target.exists():
+            os.replace(tmp, target)
+            return
+        if not target.is_dir():
+            raise NotADirectoryError(f"{target} exists and is not a folder")
+        for f in tmp.iterdir():
+            os.replace(f, target / f.name)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> None:
+    """Fail early, before any work, if `folder` cannot be written."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{what} {folder} exists and is not a folder")
+    probe = folder if folder.exists() else folder.parent if str(folder.parent) else Path(".")
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {folder} is not writable")
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as e:
+        raise ValueError(f"{what} {folder} is not writable ({e.strerror})") from None
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str = "F32") -> None:
+    """A .safetensors file (F32 or BF16, rounded to nearest even), tensors in
+    the given order, 8-byte aligned header as the reference writer makes."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    off = 0
+    blobs = []
+    for name, a in tensors.items():
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        if dtype == "BF16":
+            u = a.view(np.uint32).astype(np.uint64)
+            u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16  # round to nearest even
+            nan = np.isnan(a)
+            b = u.astype(np.uint16)
+            b[nan] = 0x7FC0
+            raw = b.tobytes()
+        else:
+            raw = a.tobytes()
+        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [off, off + len(raw)]}
+        blobs.append(raw)
+        off += len(raw)
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    with open(path, "wb") as f:
+        f.write(len(hb).to_bytes(8, "little"))
+        f.write(hb)
+        for raw in blobs:
+            f.write(raw)
+
+
+def hf_config(model: LlamaModel, dtype: str) -> dict[str, Any]:
+    c = model.config
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
+        "vocab_size": c.vocab_size, "max_position_embeddings": c.max_position_embeddings,
+        "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "rope_scaling": None,
+        "tie_word_embeddings": c.tie_word_embeddings, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False,
+        "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
+        "torch_dtype": "bfloat16" if dtype == "BF16" else "float32",
+    }
+
+
+def save_hf_folder(model: LlamaModel, folder: str | os.PathLike, dtype: str = "F32") -> Path:
+    """Write `model` (its current, possibly surgered, weights) as a Hugging
+    Face folder that transformers and pcasurgery both load: config.json,
+    model.safetensors and the source folder's tokenizer files."""
+    if dtype not in ("F32", "BF16"):
+        raise ValueError(f"dtype must be 'F32' or 'BF16', got {dtype!r}")
+    folder = Path(folder)
+    check_writable(folder, "--save folder")
+    tensors = {n: model.weights[n] for n in model.weights
+               if not (n == "lm_head.weight" and model.config.tie_word_embeddings)}
+    with staging_dir(folder) as tmp:
+        write_json(tmp / "config.json", hf_config(model, dtype))
+        write_safetensors(tmp / "model.safetensors", tensors, dtype)
+        src = Path(model.source) if model.source else None
+        if src is not None and src.is_dir():
+            for name in TOKENIZER_FILES:
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, tmp / name)
+    return folder
