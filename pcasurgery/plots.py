@@ -1,7 +1,8 @@
 """Plots of a surgery run, readable at a glance and written atomically.
 
 Each function takes the run's result rows (dicts, as in results.json) and
-returns a matplotlib Figure; :func:`save_all` writes the PNGs.
+returns a matplotlib Figure (shown when it is a notebook cell's value);
+:func:`save_all` writes the PNGs.
 """
 from __future__ import annotations
 
@@ -10,10 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import colormaps
+from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
 MODE_STYLE = {"separate": ("tab:blue", "o"), "shared-kv": ("tab:red", "s"),
               "shared-kv-xlayer": ("tab:purple", "^"), "seed": ("tab:gray", "x")}
@@ -31,8 +30,9 @@ def _style(mode: str) -> dict:
     return dict(color=color, marker=marker, label=mode)
 
 
-def quality_vs_threshold(rows: list[dict], title: str) -> plt.Figure:
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+def quality_vs_threshold(rows: list[dict], title: str) -> Figure:
+    fig = Figure(figsize=(11, 4.2))
+    a, b = fig.subplots(1, 2)
     for mode, rs in _by_mode(rows).items():
         rs = sorted((r for r in rs if r["var"] is not None), key=lambda r: r["var"])
         if not rs:
@@ -55,8 +55,9 @@ def quality_vs_threshold(rows: list[dict], title: str) -> plt.Figure:
     return fig
 
 
-def quality_vs_budget(rows: list[dict], title: str) -> plt.Figure:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+def quality_vs_budget(rows: list[dict], title: str) -> Figure:
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
     for ax, key, xlabel in (
         (axes[0], "kv_ratio", "KV-cache size per token (fraction of the dense cache)"),
         (axes[1], "params_ratio", "q, k, v parameters (fraction of dense)"),
@@ -74,9 +75,10 @@ def quality_vs_budget(rows: list[dict], title: str) -> plt.Figure:
     return fig
 
 
-def components_per_layer(rows: list[dict], title: str) -> plt.Figure:
+def components_per_layer(rows: list[dict], title: str) -> Figure:
     """Components kept per layer and matrix, for the strictest setting of each mode."""
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    fig = Figure(figsize=(8, 4.2))
+    ax = fig.subplots()
     for mode, rs in _by_mode(rows).items():
         r = min(rs, key=lambda r: r["kv_ratio"])
         color, marker = MODE_STYLE.get(mode, ("black", "."))
@@ -93,16 +95,16 @@ def components_per_layer(rows: list[dict], title: str) -> plt.Figure:
     return fig
 
 
-def spectra(curves: dict[str, list[list[float]]], title: str) -> plt.Figure:
+def spectra(curves: dict[str, list[list[float]]], title: str) -> Figure:
     """Cumulative explained variance of every group, one panel per kind."""
     kinds = [k for k in ("q", "k", "v", "k|v") if curves.get(k)]
-    fig, axes = plt.subplots(1, max(len(kinds), 1), figsize=(3.6 * max(len(kinds), 1), 3.8),
-                             squeeze=False)
+    fig = Figure(figsize=(3.6 * max(len(kinds), 1), 3.8))
+    axes = fig.subplots(1, max(len(kinds), 1), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         cs = curves[kind]
         for i, c in enumerate(cs):
             ax.plot(range(1, len(c) + 1), [100 * v for v in c],
-                    color=plt.cm.viridis(i / max(len(cs) - 1, 1)), lw=1)
+                    color=colormaps["viridis"](i / max(len(cs) - 1, 1)), lw=1)
         ax.set(xlabel="components", ylabel="cumulative variance (%)", title=f"{kind} (per layer)",
                ylim=(0, 101))
         ax.grid(alpha=0.3)
@@ -115,7 +117,7 @@ def _setting(r: dict) -> str:
     return f"var {r['var']:g}" if r["var"] is not None else f"rank {r['rank']}"
 
 
-def save_figure(fig: plt.Figure, path: Path) -> None:
+def save_figure(fig: Figure, path: Path) -> None:
     """PNG written to a temporary file and renamed into place."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
@@ -123,7 +125,6 @@ def save_figure(fig: plt.Figure, path: Path) -> None:
         fig.savefig(tmp, dpi=120)
         os.replace(tmp, path)
     finally:
-        plt.close(fig)
         if os.path.exists(tmp):
             os.unlink(tmp)
 

@@ -1,0 +1,24 @@
+"""The notebook executes, so it cannot rot."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, SHARED
+
+NB = ROOT / "notebooks" / "surgery.ipynb"
+
+
+@pytest.mark.skipif(not (SHARED / "models" / "stories260K.bin").is_file(), reason="no ../shared")
+def test_notebook_executes(monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("PCASURGERY_SHARED", str(SHARED))
+    nb = nbformat.read(NB, as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(NB.parent)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert sum(1 for o in outputs if "image/png" in o.get("data", {})) >= 4
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "at equal KV-cache size" in text
