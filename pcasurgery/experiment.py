@@ -46,10 +46,14 @@ def run(model: LlamaModel, evaluator: Evaluator, modes: Iterable[str],
     rows: list[dict] = []
     curves: dict[str, Any] = {}
     base = evaluator.base_quality
+    fits: dict = {}  # groups common to several modes (q_proj) are decomposed once
     for mode in modes:
-        s = Surgery(model, mode, proj=proj, center=center, layers_per_group=layers_per_group)
+        s = Surgery(model, mode, proj=proj, center=center, layers_per_group=layers_per_group,
+                    fits=fits)
+        kinds = {k for k, _ in settings}
+        keep = (max(v for _, v in settings) if len(kinds) == 1 else None)  # components needed
         s.fit(progress=(lambda it: progress(it, desc=f"fit {mode}", unit="group"))
-              if progress else None)
+              if progress else None, keep=keep)
         for kind, kinds in spectra(s).items():
             curves.setdefault(kind, kinds)
         it = progress(settings, desc=f"evaluate {mode}", unit="setting") if progress else settings

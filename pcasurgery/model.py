@@ -144,10 +144,11 @@ class LlamaModel:
         """Read-only mapping of the weights by Hugging Face name."""
         return WeightsView(self)
 
-    def set_weight(self, name: str, array: npt_like) -> None:
+    def set_weight(self, name: str, array: npt_like, *, check_finite: bool = True) -> None:
         """Replace one weight by an array of the same shape (converted to
         C-contiguous float32; the model keeps it). Other weights are not
-        touched or copied."""
+        touched or copied. check_finite=False skips the NaN/Inf scan, for
+        arrays computed from finite weights (surgery's reconstructions)."""
         if name not in self._weights:
             raise KeyError(f"no weight named {name!r}")
         a = np.ascontiguousarray(array, dtype=np.float32)
@@ -155,7 +156,7 @@ class LlamaModel:
             raise ValueError(
                 f"{name} must keep its shape {self._weights[name].shape}, got {a.shape}"
             )
-        if not np.isfinite(a).all():
+        if check_finite and not np.isfinite(a).all():
             raise ValueError(f"{name} replacement contains NaN or Inf")
         idx = [i for i, n in enumerate(self._names) if n == name]
         for i in idx:

@@ -104,10 +104,14 @@ class Surgery:
     proj : which projections to touch, e.g. "q,k,v" or ("k", "v")
     center : centered PCA with the mean restored (True), or uncentered SVD
     layers_per_group : for shared-kv-xlayer (0 = all layers)
+    fits : optional dict shared between Surgery objects on the same model: a
+        group that another plan already decomposed (e.g. every layer's
+        q_proj, alone in both separate and shared-kv) is not fitted again
     """
 
     def __init__(self, model: LlamaModel, mode: str = "shared-kv", proj: str | Iterable[str] = PROJS,
-                 center: bool = True, layers_per_group: int = 1) -> None:
+                 center: bool = True, layers_per_group: int = 1,
+                 fits: dict | None = None) -> None:
         if isinstance(proj, str):
             proj = [p.strip() for p in proj.split(",") if p.strip()]
         self.model = model
@@ -116,17 +120,37 @@ class Surgery:
         self.groups = plan(model.config, mode, proj, layers_per_group)
         self.fit_count = 0
         self._originals = {n: model.weights[n] for g in self.groups for n in g.names}
+        self._scores_of: dict[str, dict] = {}  # name -> its fit's score cache
+        self._fits = {} if fits is None else fits  # (names, center, keep) -> (pca, scores)
         self.fit_seconds = 0.0
 
     # ------------------------------------------------------------------ fit
-    def fit(self, progress: Callable[[Iterable], Iterable] | None = None) -> Surgery:
-        """Fit one PCA per group on the original weights (each group once)."""
+    def fit(self, progress: Callable[[Iterable], Iterable] | None = None,
+            keep: float | int | None = None) -> Surgery:
+        """Fit one PCA per group on the original weights (each group once).
+
+        keep: the largest setting that will be applied, a variance fraction
+        or a rank; only that many components are computed (the spectrum
+        always is whole). None: all of them."""
         t0 = time.perf_counter()
         it = progress(self.groups) if progress else self.groups
         for g in it:
             if g.pca is None:
-                g.pca = StackedPCA(center=self.center).fit([self._originals[n] for n in g.names])
-                self.fit_count += 1
+                n = keep
+                if isinstance(keep, (int, np.integer)) and not isinstance(keep, bool):
+                    rows = sum(self._originals[x].shape[0] for x in g.names)
+                    n = min(int(keep), rows, self.model.config.hidden_size)
+                key = (tuple(g.names), self.center, n)
+                if key in self._fits:
+                    g.pca, scores = self._fits[key]
+                else:
+                    g.pca = StackedPCA(n, center=self.center).fit(
+                        [self._originals[x] for x in g.names])
+                    scores = {}
+                    self._fits[key] = (g.pca, scores)
+                    self.fit_count += 1
+                for x in g.names:  # scores are filled on first use, shared too
+                    self._scores_of[x] = scores
         self.fit_seconds += time.perf_counter() - t0
         return self
 
@@ -153,13 +177,16 @@ class Surgery:
         ks = self.ks_for(var, rank)
         for g in self.groups:
             k = ks[g.label]
-            mats = [self._originals[n] for n in g.names]
-            if self.mode == "seed":
-                recs = [seed_reconstruct(g.pca, W, k) for W in mats]
-            else:
-                recs = g.pca.reconstruct(mats, k=k)
-            for n, R in zip(g.names, recs):
-                self.model.set_weight(n, R)
+            # the reconstruction mean: dropped by the original code ("seed"), which
+            # rebuilt W as transform(W)[:, :k] @ components_[:k]
+            mean = np.zeros_like(g.pca.mean_) if self.mode == "seed" else g.pca.mean_
+            for n in g.names:
+                cache = self._scores_of[n]
+                Z = cache.get(n)
+                if Z is None:  # scores at every kept rank, once: a setting is one product
+                    Z = cache[n] = g.pca.transform(self._originals[n])
+                R = _C.pca_reconstruct(Z[:, :k], g.pca.components_, mean)
+                self.model.set_weight(n, R, check_finite=False)
         s = Setting(self.mode, var, rank, ks, time.perf_counter() - t0)
         s.budget = self.budget(ks)
         return s
@@ -167,7 +194,7 @@ class Surgery:
     def restore(self) -> None:
         """Put the original arrays back (bit-identical: the same arrays)."""
         for n, W in self._originals.items():
-            self.model.set_weight(n, W)
+            self.model.set_weight(n, W, check_finite=False)
 
     # --------------------------------------------------------------- budget
     def budget(self, ks: dict[str, int]) -> dict[str, float]:
@@ -220,11 +247,3 @@ class Surgery:
     def _check_fitted(self) -> None:
         if any(g.pca is None for g in self.groups):
             raise RuntimeError("call fit() before apply()")
-
-
-def seed_reconstruct(pca: StackedPCA, W: np.ndarray, k: int) -> np.ndarray:
-    """The original experiment's formula: ``transform(W)[:, :k] @
-    components_[:k]``; the PCA mean is subtracted by transform and never
-    added back."""
-    Z = pca.transform(W, k=k)
-    return _C.pca_reconstruct(Z, pca.components_, np.zeros_like(pca.mean_))

@@ -164,3 +164,32 @@ def test_default_eval_tokens_are_reproducible(model):
     a = default_eval_tokens(model, 100, seed=3)
     b = default_eval_tokens(model, 100, seed=3)
     assert len(a) == 100 and np.array_equal(a, b)
+
+
+def test_fit_keep_limits_components_not_spectrum(model):
+    full = Surgery(model, "shared-kv").fit()
+    part = Surgery(model, "shared-kv").fit(keep=0.9)
+    for gf, gp in zip(full.groups, part.groups):
+        assert gp.pca.n_components_ == gf.pca.n_components_for(0.9) <= gf.pca.n_components_
+        np.testing.assert_allclose(gp.pca.all_explained_variance_ratio_,
+                                   gf.pca.all_explained_variance_ratio_, rtol=1e-10, atol=1e-13)
+    assert part.ks_for(var=0.5) == full.ks_for(var=0.5)
+    ranked = Surgery(model, "separate").fit(keep=1000)  # clamped to each group's size
+    assert all(g.pca.n_components_ == min(g.pca.max_components_, 1000) for g in ranked.groups)
+
+
+def test_modes_share_common_fits(model):
+    fits: dict = {}
+    sep = Surgery(model, "separate", fits=fits).fit()
+    kv = Surgery(model, "shared-kv", fits=fits).fit()
+    L = model.config.num_hidden_layers
+    assert sep.fit_count == 3 * L and kv.fit_count == L  # q reused, only k|v new
+    base = model.logits([1, 5, 9])
+    kv.apply(var=0.8)
+    a = model.logits([1, 5, 9])
+    kv.restore()
+    alone = Surgery(model, "shared-kv").fit()
+    alone.apply(var=0.8)
+    np.testing.assert_array_equal(model.logits([1, 5, 9]), a)
+    alone.restore()
+    np.testing.assert_array_equal(model.logits([1, 5, 9]), base)
