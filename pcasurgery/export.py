@@ -27,6 +27,7 @@ def staging_dir(target: str | os.PathLike) -> Iterator[Path]:
     parent = target.parent if str(target.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is not
     try:
         yield tmp
         if not target.exists():
@@ -39,6 +40,12 @@ def staging_dir(target: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def check_writable(folder: str | os.PathLike, what: str) -> None:

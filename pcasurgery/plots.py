@@ -123,6 +123,9 @@ def save_figure(fig: Figure, path: Path) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; the plot is not
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
