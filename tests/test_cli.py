@@ -29,7 +29,7 @@ def test_default_run_prints_model_table_and_samples():
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert out.startswith(f"model: {MODEL}")
-    assert "eval text: 512 tokens sampled from the unmodified model (seed 0)" in out
+    assert "eval text: 511 tokens sampled from the unmodified model (seed 0), windows of 512" in out
     assert "shared-kv" in out and "var 0.3" in out
     assert "before: " in out and "after (shared-kv, var 0.3): " in out
 
