@@ -39,24 +39,23 @@ def fraction(s: str) -> float:
     return v
 
 
-def positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s}")
-    return v
+def int_at_least(lo: int):
+    """argparse type: an int >= lo."""
+    what = "a positive integer" if lo == 1 else f"an integer >= {lo}"
+
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s}")
+        return v
+
+    return parse
 
 
-def nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s}")
-    return v
+positive_int, nonneg_int = int_at_least(1), int_at_least(0)
 
 
 def fraction_list(s: str) -> list[float]:
