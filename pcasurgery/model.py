@@ -144,7 +144,7 @@ class LlamaModel:
         """Read-only mapping of the weights by Hugging Face name."""
         return WeightsView(self)
 
-    def set_weight(self, name: str, array: npt_like, *, check_finite: bool = True) -> None:
+    def set_weight(self, name: str, array: Any, *, check_finite: bool = True) -> None:
         """Replace one weight by an array of the same shape (converted to
         C-contiguous float32; the model keeps it). Other weights are not
         touched or copied. check_finite=False skips the NaN/Inf scan, for
@@ -326,5 +326,3 @@ class LlamaModel:
             count += len(win)
         return kl / count, agree / count
 
-
-npt_like = Any

@@ -167,7 +167,12 @@ class Surgery:
             else:
                 if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
                     raise ValueError(f"rank must be a positive int, got {rank!r}")
-                ks[g.label] = min(int(rank), g.pca.n_components_)
+                ks[g.label] = min(int(rank), g.pca.max_components_)
+            if ks[g.label] > g.pca.n_components_:
+                raise ValueError(
+                    f"{g.label} needs {ks[g.label]} components at this setting but the fit kept "
+                    f"{g.pca.n_components_}; fit with a larger keep"
+                )
         return ks
 
     def apply(self, var: float | None = None, rank: int | None = None) -> Setting:

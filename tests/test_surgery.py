@@ -174,6 +174,8 @@ def test_fit_keep_limits_components_not_spectrum(model):
         np.testing.assert_allclose(gp.pca.all_explained_variance_ratio_,
                                    gf.pca.all_explained_variance_ratio_, rtol=1e-10, atol=1e-13)
     assert part.ks_for(var=0.5) == full.ks_for(var=0.5)
+    with pytest.raises(ValueError, match="components at this setting but the fit kept"):
+        part.apply(var=0.99)
     ranked = Surgery(model, "separate").fit(keep=1000)  # clamped to each group's size
     assert all(g.pca.n_components_ == min(g.pca.max_components_, 1000) for g in ranked.groups)
 
