@@ -228,7 +228,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], i
         spans.append((begin, end, name))
         out[name] = {"dtype": dt, "shape": tuple(shape), "begin": begin, "end": end}
     spans.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+    for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise ValueError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data section")
     return out, data_start

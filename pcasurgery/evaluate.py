@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .model import LlamaModel, _log_softmax
+from .model import LlamaModel, _log_softmax, window_kl_agree, window_nll
 
 
 @dataclass
@@ -58,9 +58,10 @@ class Evaluator:
         agree = count = scored = 0
         for w, lb in zip(self.windows, self.base):
             ls = _log_softmax(self.model.logits(w))
-            nll -= float(ls[np.arange(len(w) - 1), w[1:]].sum())
-            kl += float((np.exp(lb) * (lb - ls)).sum())
-            agree += int((lb.argmax(-1) == ls.argmax(-1)).sum())
+            nll += window_nll(ls, w)
+            k, a = window_kl_agree(lb, ls)
+            kl += k
+            agree += a
             count += len(w)
             scored += len(w) - 1
         return Quality(float(np.exp(nll / scored)), kl / count, agree / count, scored,

@@ -54,8 +54,8 @@ def run(model: LlamaModel, evaluator: Evaluator, modes: Iterable[str],
         keep = (max(v for _, v in settings) if len(kinds) == 1 else None)  # components needed
         s.fit(progress=(lambda it: progress(it, desc=f"fit {mode}", unit="group"))
               if progress else None, keep=keep)
-        for kind, kinds in spectra(s).items():
-            curves.setdefault(kind, kinds)
+        for kind, per_group in spectra(s).items():
+            curves.setdefault(kind, per_group)
         it = progress(settings, desc=f"evaluate {mode}", unit="setting") if progress else settings
         for kind, value in it:
             st = s.apply(**{kind: value})

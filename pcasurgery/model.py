@@ -41,6 +41,19 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x
 
 
+def window_nll(logp: np.ndarray, win: np.ndarray) -> float:
+    """Negative log-likelihood of win[1:] under log-probs logp (len(win), V)
+    of a window that starts with BOS: every token after BOS is scored."""
+    return -float(logp[np.arange(len(win) - 1), win[1:]].sum())
+
+
+def window_kl_agree(ref: np.ndarray, other: np.ndarray) -> tuple[float, int]:
+    """Summed KL(ref || other) over positions and the number of positions
+    whose argmax agrees, for log-probs (T, V)."""
+    return (float((np.exp(ref) * (ref - other)).sum()),
+            int((ref.argmax(-1) == other.argmax(-1)).sum()))
+
+
 class LlamaModel:
     """A Llama decoder: config, tokenizer and float32 weights, with the C
     forward pass.
@@ -158,10 +171,13 @@ class LlamaModel:
             )
         if check_finite and not np.isfinite(a).all():
             raise ValueError(f"{name} replacement contains NaN or Inf")
-        idx = [i for i, n in enumerate(self._names) if n == name]
-        for i in idx:
-            self._rt.set_weight(i, a)
-        self._weights[name] = a
+        # a tied embedding and lm_head are one array under two names
+        tied = {"model.embed_tokens.weight", "lm_head.weight"}
+        names = tied if self.config.tie_word_embeddings and name in tied else {name}
+        for i, n in enumerate(self._names):
+            if n in names:
+                self._rt.set_weight(i, a)
+                self._weights[n] = a
         self._rt.reset()
 
     # -------------------------------------------------------------- tokens
@@ -304,8 +320,7 @@ class LlamaModel:
         (exp(mean negative log-likelihood), number of tokens scored)."""
         nll, count = 0.0, 0
         for win in self._windows(text_or_tokens, n_ctx):
-            lp = _log_softmax(self.logits(win)[:-1])
-            nll -= float(lp[np.arange(len(win) - 1), win[1:]].sum())
+            nll += window_nll(_log_softmax(self.logits(win)[:-1]), win)
             count += len(win) - 1
         return float(np.exp(nll / count)), count
 
@@ -319,10 +334,10 @@ class LlamaModel:
             raise ValueError("reference has a different vocabulary size")
         kl, agree, count = 0.0, 0, 0
         for win in self._windows(text_or_tokens, n_ctx):
-            lr = _log_softmax(reference.logits(win))
-            ls = _log_softmax(self.logits(win))
-            kl += float((np.exp(lr) * (lr - ls)).sum())
-            agree += int((lr.argmax(-1) == ls.argmax(-1)).sum())
+            k, a = window_kl_agree(_log_softmax(reference.logits(win)),
+                                   _log_softmax(self.logits(win)))
+            kl += k
+            agree += a
             count += len(win)
         return kl / count, agree / count
 

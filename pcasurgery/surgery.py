@@ -44,6 +44,7 @@ class Group:
     layers: list[int]
     names: list[str]           # weight names, stacked in this order
     pca: StackedPCA | None = None
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # name -> scores, on first use
 
 
 def plan(config: Any, mode: str = "shared-kv", proj: Iterable[str] = PROJS,
@@ -120,7 +121,6 @@ class Surgery:
         self.groups = plan(model.config, mode, proj, layers_per_group)
         self.fit_count = 0
         self._originals = {n: model.weights[n] for g in self.groups for n in g.names}
-        self._scores_of: dict[str, dict] = {}  # name -> its fit's score cache
         self._fits = {} if fits is None else fits  # (names, center, keep) -> (pca, scores)
         self.fit_seconds = 0.0
 
@@ -141,16 +141,11 @@ class Surgery:
                     rows = sum(self._originals[x].shape[0] for x in g.names)
                     n = min(int(keep), rows, self.model.config.hidden_size)
                 key = (tuple(g.names), self.center, n)
-                if key in self._fits:
-                    g.pca, scores = self._fits[key]
-                else:
-                    g.pca = StackedPCA(n, center=self.center).fit(
-                        [self._originals[x] for x in g.names])
-                    scores = {}
-                    self._fits[key] = (g.pca, scores)
+                if key not in self._fits:  # the scores dict is shared with the fit too
+                    self._fits[key] = (StackedPCA(n, center=self.center).fit(
+                        [self._originals[x] for x in g.names]), {})
                     self.fit_count += 1
-                for x in g.names:  # scores are filled on first use, shared too
-                    self._scores_of[x] = scores
+                g.pca, g.scores = self._fits[key]
         self.fit_seconds += time.perf_counter() - t0
         return self
 
@@ -186,10 +181,9 @@ class Surgery:
             # rebuilt W as transform(W)[:, :k] @ components_[:k]
             mean = np.zeros_like(g.pca.mean_) if self.mode == "seed" else g.pca.mean_
             for n in g.names:
-                cache = self._scores_of[n]
-                Z = cache.get(n)
+                Z = g.scores.get(n)
                 if Z is None:  # scores at every kept rank, once: a setting is one product
-                    Z = cache[n] = g.pca.transform(self._originals[n])
+                    Z = g.scores[n] = g.pca.transform(self._originals[n])
                 R = _C.pca_reconstruct(Z[:, :k], g.pca.components_, mean)
                 self.model.set_weight(n, R, check_finite=False)
         s = Setting(self.mode, var, rank, ks, time.perf_counter() - t0)

@@ -1,7 +1,6 @@
 """The notebook executes, so it cannot rot."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from conftest import ROOT, SHARED

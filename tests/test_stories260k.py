@@ -106,6 +106,15 @@ def test_set_weight_and_restore(model):
     np.testing.assert_array_equal(model.logits(tokens), base)
     with pytest.raises(ValueError, match=r"must keep its shape \(32, 64\)"):
         model.set_weight(name, np.zeros((64, 64), np.float32))
+    # stories260K ties lm_head to the embedding: one array under both names
+    emb = model.weights["model.embed_tokens.weight"]
+    model.set_weight("model.embed_tokens.weight", emb * 0.5)
+    assert model.weights["lm_head.weight"] is model.weights["model.embed_tokens.weight"]
+    halved = {n: w for n, w in model.weights.items() if n != "lm_head.weight"}
+    fresh = LlamaModel(model.config, halved)  # ties lm_head to the new embedding itself
+    np.testing.assert_array_equal(model.logits(tokens), fresh.logits(tokens))
+    model.set_weight("model.embed_tokens.weight", emb)
+    np.testing.assert_array_equal(model.logits(tokens), base)
     with pytest.raises(KeyError, match="no weight named"):
         model.set_weight("model.layers.9.self_attn.k_proj.weight", orig)
 
