@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_MODEL_ID = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+DEMO_PROMPT = "It is a truth universally acknowledged"
 DEFAULT_SWEEP = [0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
 
 
@@ -63,6 +63,7 @@ def fraction_list(s: str) -> list[float]:
 
 
 def build_parser() -> Parser:
+    from .checkpoints import DEFAULT_MODEL_ID
     from .surgery import MODES
 
     p = Parser(prog="python -m pcasurgery", description=__doc__.split("\n")[0],
@@ -70,8 +71,9 @@ def build_parser() -> Parser:
                formatter_class=argparse.RawDescriptionHelpFormatter)
     # ---- defaults, each with its reason
     p.add_argument("--model", default="auto",
-                   help="a Hugging Face folder, a model id in the local HF cache, or a llama2.c "
-                        f".bin file; 'auto' (default): {DEFAULT_MODEL_ID} from the HF cache")
+                   help="a Hugging Face folder, a model id in the local HF cache, a llama2.c "
+                        f".bin file, or 'demo' (the embedded demo model); 'auto' (default): "
+                        f"{DEFAULT_MODEL_ID} from the HF cache, else the demo model")
     p.add_argument("--mode", default=None,
                    help=f"comma-separated modes among {', '.join(MODES)}; default shared-kv "
                         "(the original experiment's proposal), or separate,shared-kv with "
@@ -98,7 +100,8 @@ def build_parser() -> Parser:
                         "about 4 s per setting for TinyLlama on 2 cores)")
     p.add_argument("--prompt", default=None,
                    help="prompt of the before/after sample (default: 'What is machine "
-                        "learning?' in the chat template for chat models, else 'Once upon a time')")
+                        "learning?' in the chat template for chat models, '" + DEMO_PROMPT + "' for the "
+                        "demo model, else 'Once upon a time')")
     p.add_argument("--max-new-tokens", type=nonneg_int, default=48,
                    help="sample length (default 48; 0 skips the sample)")
     p.add_argument("--temperature", type=float, default=0.0,
@@ -112,18 +115,6 @@ def build_parser() -> Parser:
                    help="write the surgered model (one mode, one setting) as a Hugging Face folder")
     p.add_argument("--json", action="store_true", help="print results as JSON on stdout")
     return p
-
-
-def resolve_default_model() -> str:
-    from .checkpoints import find_in_hf_cache
-
-    snap = find_in_hf_cache(DEFAULT_MODEL_ID)
-    if snap is None:
-        raise UserError(
-            f"no --model given and {DEFAULT_MODEL_ID} is not in the Hugging Face cache; "
-            "pass --model with a Hugging Face folder, a cached model id or a llama2.c .bin file"
-        )
-    return str(snap)
 
 
 def is_chat_model(model) -> bool:
@@ -204,6 +195,7 @@ def _main(argv: list[str] | None) -> int:
     from tqdm import tqdm
 
     from . import set_num_threads
+    from .checkpoints import DEMO_MODEL_DIR, resolve_auto
     from .evaluate import Evaluator, default_eval_tokens
     from .experiment import compare_at_equal_budget, run
     from .model import LlamaModel
@@ -215,15 +207,22 @@ def _main(argv: list[str] | None) -> int:
         set_num_threads(args.threads)
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     t0 = time.perf_counter()
-    path = resolve_default_model() if args.model == "auto" else args.model
+    if args.model == "auto":
+        path, which = resolve_auto()
+    else:
+        path = args.model
+        which = "pcasurgery's embedded demo model" if args.model == "demo" else str(args.model)
+    # the first line: which model runs, and how to choose another
+    say(f"model: {which}; choose another with --model (a Hugging Face folder, a cached model "
+        "id, a llama2.c .bin, or 'demo')")
     model = LlamaModel.from_pretrained(path)
     if model.tokenizer is None:
         raise UserError(f"{path} has no tokenizer (tokenizer.model, tokenizer.json or a llama2.c "
                         "tokenizer .bin beside it)")
     c = model.config
-    say(f"model: {model.source} ({c.num_hidden_layers} layers, hidden {c.hidden_size}, "
-        f"{c.num_attention_heads} query / {c.num_key_value_heads} KV heads), loaded in "
-        f"{time.perf_counter() - t0:.1f} s; choose another with --model")
+    say(f"loaded {model.source} in {time.perf_counter() - t0:.1f} s: {c.num_hidden_layers} "
+        f"layers, hidden {c.hidden_size}, {c.num_attention_heads} query / "
+        f"{c.num_key_value_heads} KV heads, vocabulary {c.vocab_size}")
     n_ctx = min(512, model.n_ctx)
     if args.eval_text:
         ids = model.tokenizer.encode(args.eval_text.read_text(encoding="utf-8"), bos=False)
@@ -240,7 +239,8 @@ def _main(argv: list[str] | None) -> int:
     say(f"unmodified: perplexity {ev.base_quality.perplexity:.3f} "
         f"({time.perf_counter() - t0:.1f} s per evaluation)")
     chat = is_chat_model(model) and args.prompt is None
-    prompt = args.prompt or ("What is machine learning?" if chat else "Once upon a time")
+    prompt = args.prompt or ("What is machine learning?" if chat else DEMO_PROMPT
+                             if Path(model.source) == DEMO_MODEL_DIR else "Once upon a time")
     before = (model.generate(prompt, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, seed=args.seed, chat=chat)
               if args.max_new_tokens else "")

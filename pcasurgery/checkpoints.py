@@ -388,10 +388,31 @@ def find_in_hf_cache(model_id: str) -> Path | None:
     return max(found, key=lambda d: d.stat().st_mtime) if found else None
 
 
+DEFAULT_MODEL_ID = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "models" / "demo"
+
+
+def resolve_auto() -> tuple[Path, str]:
+    """The default model: TinyLlama-1.1B-Chat-v1.0 when it is in the local
+    Hugging Face cache, else the embedded demo model. Returns (folder, a
+    sentence saying which one and why)."""
+    snap = find_in_hf_cache(DEFAULT_MODEL_ID)
+    if snap is not None:
+        return snap, f"{DEFAULT_MODEL_ID} from the Hugging Face cache ({snap})"
+    return DEMO_MODEL_DIR, (f"pcasurgery's embedded demo model, a tiny Llama trained on Jane "
+                            f"Austen, a demo, not a useful language model ({DEFAULT_MODEL_ID} is "
+                            f"not in the Hugging Face cache {hf_cache_dir()})")
+
+
 def resolve_model(path_or_id: str | os.PathLike) -> Path:
-    """A local path for a model argument: an existing folder or .bin file, or
-    a Hugging Face model id resolved from the local cache (downloaded only
-    when huggingface_hub is installed and the network answers)."""
+    """A local path for a model argument: an existing folder or .bin file; a
+    Hugging Face model id resolved from the local cache (downloaded only when
+    huggingface_hub is installed and the network answers); "auto" (see
+    :func:`resolve_auto`) or "demo" (the embedded demo model)."""
+    if path_or_id == "auto":
+        return resolve_auto()[0]
+    if path_or_id == "demo":
+        return DEMO_MODEL_DIR
     p = Path(path_or_id).expanduser()
     if p.is_dir():
         return p

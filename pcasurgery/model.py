@@ -120,6 +120,8 @@ class LlamaModel:
         n_ctx: int | None = None,
     ) -> LlamaModel:
         """Load a model from
+        - ``"auto"``: TinyLlama-1.1B-Chat-v1.0 when it is in the local
+          Hugging Face cache, else the embedded demo model (``"demo"``);
         - a Hugging Face folder (config.json, model.safetensors or shards,
           tokenizer.model or tokenizer.json);
         - a model id such as ``TinyLlama/TinyLlama-1.1B-Chat-v1.0``, found in

@@ -77,3 +77,19 @@ def write_safetensors(path: Path, tensors: dict, header_override: dict | None = 
     n = len(hb) if header_len is None else header_len
     path.write_bytes(struct.pack("<Q", n) + hb + b"".join(blobs))
     return path
+
+
+def hf_logits(ref, tokens) -> np.ndarray:
+    """transformers' logits (float64 copy) for one sequence of token ids."""
+    import torch
+
+    with torch.no_grad():
+        return ref(torch.tensor(np.asarray(tokens))[None]).logits[0].double().numpy()
+
+
+# Both sides compute in float32 with different summation orders: the logits
+# (|logits| up to ~7 here) agree to ~2e-6 relative; 2e-5 of the largest
+# leaves a 10x margin. bf16 files are compared after the same bf16 -> f32
+# widening on both sides, so the dtype does not change the tolerance.
+def assert_logits_close(got, want):
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())

@@ -13,7 +13,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
-from hf_fixtures import SMALL_CONFIGS, make_hf_model, save_hf, write_safetensors  # noqa: E402
+from hf_fixtures import (  # noqa: E402
+    SMALL_CONFIGS, assert_logits_close, hf_logits, make_hf_model, save_hf, write_safetensors,
+)
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from pcasurgery import LlamaModel  # noqa: E402
@@ -33,19 +35,6 @@ def checkpoints(tmp_path_factory):
         ref = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         out[key, dtype, sharded] = (folder, ref)
     return out
-
-
-def hf_logits(ref, tokens) -> np.ndarray:
-    with torch.no_grad():
-        return ref(torch.tensor(np.asarray(tokens))[None]).logits[0].double().numpy()
-
-
-# Both sides compute in float32 with different summation orders: the logits
-# (|logits| up to ~7 here) agree to ~2e-6 relative; 2e-5 of the largest
-# leaves a 10x margin. bf16 files are compared after the same bf16 -> f32
-# widening on both sides, so the dtype does not change the tolerance.
-def assert_logits_close(got, want):
-    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("key,dtype,sharded", CASES)
