@@ -68,18 +68,32 @@ def parse() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def train_tokenizer(files: list[Path], vocab: int, seed: int, work: Path) -> Path:
+def train_tokenizer(files: list[Path], vocab: int, work: Path) -> Path:
+    """SentencePiece BPE with byte fallback on the training novels' lines.
+    The text goes in through an iterator and the model comes out through a
+    writer, so the model file records no file paths: the same text gives the
+    same bytes on any machine (BPE training itself is deterministic)."""
+    import io
+
     import sentencepiece as spm
 
-    prefix = work / "tokenizer"
+    def lines():
+        for f in files:
+            with open(f, encoding="utf-8") as fh:
+                for line in fh:
+                    yield line.rstrip("\n")
+
+    out = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        input=",".join(str(f) for f in files), model_prefix=str(prefix), model_type="bpe",
+        sentence_iterator=lines(), model_writer=out, model_type="bpe",
         vocab_size=vocab, byte_fallback=True, character_coverage=1.0, split_digits=True,
         add_dummy_prefix=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,  # BPE training is deterministic
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
         max_sentence_length=1 << 16, minloglevel=2,
     )
-    return prefix.with_suffix(".model")
+    path = work / "tokenizer.model"
+    path.write_bytes(out.getvalue())
+    return path
 
 
 def write_tinyllama_json(folder: Path, cfg) -> None:
@@ -162,7 +176,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="demo-train-"))
     try:
         t0 = time.perf_counter()
-        tok_path = train_tokenizer(files, args.vocab, args.seed, work)
+        tok_path = train_tokenizer(files, args.vocab, work)
         sp = spm.SentencePieceProcessor(model_file=str(tok_path))
         train_ids: list[int] = []
         val_ids: list[int] = []
