@@ -195,7 +195,7 @@ def _main(argv: list[str] | None) -> int:
     from tqdm import tqdm
 
     from . import set_num_threads
-    from .checkpoints import DEMO_MODEL_DIR, resolve_auto
+    from .checkpoints import DEMO_DESCRIPTION, DEMO_MODEL_DIR, resolve_auto
     from .evaluate import Evaluator, default_eval_tokens
     from .experiment import compare_at_equal_budget, run
     from .model import LlamaModel
@@ -211,7 +211,7 @@ def _main(argv: list[str] | None) -> int:
         path, which = resolve_auto()
     else:
         path = args.model
-        which = "pcasurgery's embedded demo model" if args.model == "demo" else str(args.model)
+        which = DEMO_DESCRIPTION if args.model == "demo" else str(args.model)
     # the first line: which model runs, and how to choose another
     say(f"model: {which}; choose another with --model (a Hugging Face folder, a cached model "
         "id, a llama2.c .bin, or 'demo')")

@@ -390,6 +390,8 @@ def find_in_hf_cache(model_id: str) -> Path | None:
 
 DEFAULT_MODEL_ID = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "models" / "demo"
+DEMO_DESCRIPTION = ("pcasurgery's embedded demo model, a tiny Llama trained on Jane Austen, "
+                    "a demo, not a useful language model")
 
 
 def resolve_auto() -> tuple[Path, str]:
@@ -399,9 +401,8 @@ def resolve_auto() -> tuple[Path, str]:
     snap = find_in_hf_cache(DEFAULT_MODEL_ID)
     if snap is not None:
         return snap, f"{DEFAULT_MODEL_ID} from the Hugging Face cache ({snap})"
-    return DEMO_MODEL_DIR, (f"pcasurgery's embedded demo model, a tiny Llama trained on Jane "
-                            f"Austen, a demo, not a useful language model ({DEFAULT_MODEL_ID} is "
-                            f"not in the Hugging Face cache {hf_cache_dir()})")
+    return DEMO_MODEL_DIR, (f"{DEMO_DESCRIPTION} ({DEFAULT_MODEL_ID} is not in the Hugging "
+                            f"Face cache {hf_cache_dir()})")
 
 
 def resolve_model(path_or_id: str | os.PathLike) -> Path:

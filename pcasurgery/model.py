@@ -200,9 +200,7 @@ class LlamaModel:
     def _encode(self, text: str, bos: bool, special: bool = False) -> list[int]:
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer; pass token ids instead of text")
-        if special:
-            return self.tokenizer.encode(text, bos=bos, special=True)
-        return self.tokenizer.encode(text, bos=bos)
+        return self.tokenizer.encode(text, bos=bos, special=special)
 
     # ------------------------------------------------------------- forward
     def logits(self, tokens: Any) -> np.ndarray:

@@ -16,6 +16,22 @@ import numpy as np
 CHAT_SYSTEM = "You are a friendly chatbot."
 
 
+def encode_with_specials(tok, text: str, bos: bool, eos: bool, encode_part) -> list[int]:
+    """Token ids of text in which the literal strings ``<s>`` and ``</s>``
+    are BOS/EOS (as chat templates need); encode_part(part, after_special)
+    encodes the text between them."""
+    ids: list[int] = [tok.bos_id] if bos else []
+    after_special = False
+    for part in re.split(r"(</?s>)", text):
+        if part in ("<s>", "</s>"):
+            ids.append(tok.bos_id if part == "<s>" else tok.eos_id)
+            after_special = True
+        elif part:
+            ids += encode_part(part, after_special)
+            after_special = False
+    return ids + ([tok.eos_id] if eos else [])
+
+
 class Llama2cTokenizer:
     """llama2.c's tokenizer (``tokenizer.bin`` / ``tok512.bin``), as run.c
     encodes and decodes: a dummy-prefix space, one token per UTF-8 character
@@ -55,14 +71,9 @@ class Llama2cTokenizer:
                special: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        if special:  # literal <s> / </s> -> BOS / EOS, the text between encoded alone
-            ids = [self.bos_id] if bos else []
-            for part in re.split(r"(</?s>)", text):
-                if part in ("<s>", "</s>"):
-                    ids.append(self.bos_id if part == "<s>" else self.eos_id)
-                elif part:
-                    ids += self.encode(part, bos=False)
-            return ids + ([self.eos_id] if eos else [])
+        if special:
+            return encode_with_specials(self, text, bos, eos,
+                                        lambda part, _: self.encode(part, bos=False))
         ids: list[int] = [self.bos_id] if bos else []
         toks: list[int] = []
         if text:
@@ -137,16 +148,10 @@ class SentencePieceTokenizer:
         transformers' non-legacy Llama tokenizer does."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        ids: list[int] = [self.bos_id] if bos else []
-        after_special = False
-        for part in re.split(r"(</?s>)", text) if special else [text]:
-            if special and part in ("<s>", "</s>"):
-                ids.append(self.bos_id if part == "<s>" else self.eos_id)
-                after_special = True
-            elif part:
-                ids += self._encode_part(part, after_special)
-                after_special = False
-        return ids + ([self.eos_id] if eos else [])
+        if special:
+            return encode_with_specials(self, text, bos, eos, self._encode_part)
+        return ([self.bos_id] if bos else []) + list(self.sp.encode(text)) + (
+            [self.eos_id] if eos else [])
 
     def _encode_part(self, text: str, no_prefix: bool) -> list[int]:
         if not no_prefix:

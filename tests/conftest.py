@@ -6,6 +6,9 @@ through PCASURGERY_SHARED, default: the `shared` folder next to the project.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +57,15 @@ def make_matrix(kind: str, rng: np.random.Generator, n: int, d: int) -> np.ndarr
     if kind == "lowrank":
         return with_spectrum(rng, n, d, np.array([5.0, 3.0, 2.0, 1.0, 0.5]))
     raise ValueError(kind)
+
+
+def cli(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """python -m pcasurgery ARGS; env: variables set on top of ours."""
+    # `python -m` puts the working folder on sys.path: run outside the source
+    # tree, so that the installed package (with its compiled core) is used
+    return subprocess.run([sys.executable, "-m", "pcasurgery", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd or tempfile.gettempdir(),
+                          timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
 _REPORT: list[str] = []

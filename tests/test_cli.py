@@ -3,25 +3,15 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
-import tempfile
 
 import numpy as np
 import pytest
-from conftest import SHARED
+from conftest import SHARED, cli
 
 MODEL = SHARED / "models" / "stories260K.bin"
 pytestmark = pytest.mark.skipif(not MODEL.is_file(), reason=f"{MODEL} not found")
 
 
-def cli(*args, cwd=None):
-    # `python -m` puts the working folder on sys.path: run outside the source
-    # tree, so that the installed package (with its compiled core) is used
-    return subprocess.run([sys.executable, "-m", "pcasurgery", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd or tempfile.gettempdir(),
-                          timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def test_default_run_prints_model_table_and_samples():

@@ -4,7 +4,6 @@ run a new user gets on a fresh machine with no data and no network."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import ROOT, SHARED
+from conftest import ROOT, SHARED, cli
 
 from pcasurgery import LlamaModel
 from pcasurgery.checkpoints import (
@@ -124,12 +123,10 @@ def fake_tinyllama_in_cache(hub):
 def fresh_user_cli(tmp_path, *args, hub=None):
     """python -m pcasurgery as a new user runs it: outside the source tree, no
     ../shared, an empty Hugging Face cache, no network."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
-           "HF_HUB_CACHE": str(hub or tmp_path / "empty-hub"),
-           "PCASURGERY_SHARED": str(tmp_path / "no-shared")}
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "pcasurgery", *args], capture_output=True,
-                       text=True, cwd=tmp_path, timeout=300, env=env)
+    r = cli(*args, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1",
+                                      "HF_HUB_CACHE": str(hub or tmp_path / "empty-hub"),
+                                      "PCASURGERY_SHARED": str(tmp_path / "no-shared")})
     return r, time.perf_counter() - t0
 
 
