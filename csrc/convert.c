@@ -1,10 +1,14 @@
 /* convert.c: tensor storage formats to float32 (checkpoint loading).
  *
- * Dimension legend: n = number of values.
+ * Dimension legend: n = number of values, t = threads.
  * bf16 is the top half of a float32, so the conversion is a shift and is
  * exact; IEEE half is widened exactly too (subnormals, infinities and NaNs
- * included). Memory-bound (and page-fault-bound on fresh output memory), so
- * it runs on as many threads as pcasurgery's BLAS uses.
+ * included). Every value is checked for NaN/Inf on the way (an exponent of
+ * all ones, tested on the raw bits in the same pass). Sources need no
+ * alignment: an unpadded safetensors header leaves 16-bit data at odd
+ * addresses, so values are read with memcpy (one unaligned load each).
+ * Memory-bound (and page-fault-bound on fresh output memory), so it runs on
+ * as many threads as pcasurgery's BLAS uses.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -12,12 +16,18 @@
 
 #include "pcasurgery.h"
 
-/* out (n) = float32 of the n little-endian bf16 values at src */
-static void bf16_to_f32(float *out, const uint16_t *src, size_t n)
+static uint16_t load16(const unsigned char *p)
 {
-    uint32_t *o = (uint32_t *)out;
-    for (size_t i = 0; i < n; i++)
-        o[i] = (uint32_t)src[i] << 16;
+    uint16_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static uint32_t load32(const unsigned char *p)
+{
+    uint32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
 }
 
 /* IEEE 754 binary16 -> binary32, exactly. */
@@ -43,47 +53,65 @@ static uint32_t half_bits_to_f32_bits(uint16_t h)
     return sign | ((exp + 127 - 15) << 23) | (man << 13);
 }
 
-static void f16_to_f32(float *out, const uint16_t *src, size_t n)
+/* out (n) = float32 bits of the n values at src; returns nonzero when any
+ * of them is NaN or Inf (the float32 exponent is all ones). */
+static int convert_serial(uint32_t *out, const unsigned char *src, size_t n, int dtype)
 {
-    uint32_t *o = (uint32_t *)out;
-    for (size_t i = 0; i < n; i++)
-        o[i] = half_bits_to_f32_bits(src[i]);
-}
-
-static int convert_serial(float *out, const void *src, size_t n, int dtype)
-{
+    uint32_t special = 0; /* an all-ones exponent seen */
     switch (dtype) {
     case PCS_DTYPE_F32:
-        memcpy(out, src, n * sizeof(float));
-        return PCS_OK;
+        for (size_t i = 0; i < n; i++) {
+            uint32_t b = load32(src + 4 * i);
+            out[i] = b;
+            special |= (b & 0x7f800000u) == 0x7f800000u;
+        }
+        break;
     case PCS_DTYPE_BF16:
-        bf16_to_f32(out, (const uint16_t *)src, n);
-        return PCS_OK;
-    case PCS_DTYPE_F16:
-        f16_to_f32(out, (const uint16_t *)src, n);
-        return PCS_OK;
-    default:
-        return PCS_ERR_ARG;
+        for (size_t i = 0; i < n; i++) {
+            uint32_t b = (uint32_t)load16(src + 2 * i) << 16;
+            out[i] = b;
+            special |= (b & 0x7f800000u) == 0x7f800000u;
+        }
+        break;
+    default: /* PCS_DTYPE_F16 */
+        for (size_t i = 0; i < n; i++) {
+            uint16_t h = load16(src + 2 * i);
+            out[i] = half_bits_to_f32_bits(h);
+            special |= (h & 0x7c00u) == 0x7c00u;
+        }
+        break;
     }
+    return special != 0;
+}
+
+/* Index of the first NaN/Inf of out (n) float32 bits, known to hold one. */
+static size_t first_special(const uint32_t *out, size_t n)
+{
+    size_t i = 0;
+    while (i < n && (out[i] & 0x7f800000u) != 0x7f800000u)
+        i++;
+    return i;
 }
 
 typedef struct {
-    float *out;
-    const char *src;
+    uint32_t *out;
+    const unsigned char *src;
     size_t n;
     int dtype;
+    int special; /* result: NaN/Inf seen in this chunk */
 } ConvertJob;
 
 static void *convert_job(void *arg)
 {
     ConvertJob *j = arg;
-    convert_serial(j->out, j->src, j->n, j->dtype);
+    j->special = convert_serial(j->out, j->src, j->n, j->dtype);
     return NULL;
 }
 
-enum { MAX_CONVERT_THREADS = 16, MIN_PER_THREAD = 1 << 20 };
+enum { MAX_CONVERT_THREADS = 16, MIN_PER_THREAD = 1 << 20, CHUNK_ALIGN = 1024 };
 
-int pcs_convert_to_f32(float *out, const void *src, size_t n, int dtype, int n_threads)
+int pcs_convert_to_f32(float *out, const void *src, size_t n, int dtype, int n_threads,
+                       size_t *nonfinite_at)
 {
     if (dtype != PCS_DTYPE_F32 && dtype != PCS_DTYPE_F16 && dtype != PCS_DTYPE_BF16)
         return PCS_ERR_ARG;
@@ -93,26 +121,36 @@ int pcs_convert_to_f32(float *out, const void *src, size_t n, int dtype, int n_t
         t = MAX_CONVERT_THREADS;
     if (t > n / MIN_PER_THREAD)
         t = n / MIN_PER_THREAD;
-    if (t <= 1)
-        return convert_serial(out, src, n, dtype);
+    if (t < 1)
+        t = 1;
+    /* t chunks of ceil(n / t) values rounded up to CHUNK_ALIGN cover all n
+     * (t * chunk >= n); the last chunks may be short or empty. */
+    const size_t chunk = ((n / t + (n % t != 0)) + CHUNK_ALIGN - 1) / CHUNK_ALIGN * CHUNK_ALIGN;
     ConvertJob jobs[MAX_CONVERT_THREADS];
     pthread_t tid[MAX_CONVERT_THREADS];
-    size_t chunk = (n / t + 1023) & ~(size_t)1023, started = 0;
+    int started[MAX_CONVERT_THREADS] = {0};
     for (size_t i = 0; i < t; i++) {
         size_t lo = i * chunk < n ? i * chunk : n;
-        size_t hi = lo + chunk < n ? lo + chunk : n;
-        jobs[i] = (ConvertJob){out + lo, (const char *)src + lo * item, hi - lo, dtype};
+        size_t hi = n - lo > chunk ? lo + chunk : n;
+        jobs[i] = (ConvertJob){(uint32_t *)out + lo, (const unsigned char *)src + lo * item,
+                               hi - lo, dtype, 0};
     }
     /* jobs 1..t-1 on new threads (or here, if a thread cannot start), job 0 here */
     for (size_t i = 1; i < t; i++) {
-        if (pthread_create(&tid[i], NULL, convert_job, &jobs[i]) == 0)
-            started |= (size_t)1 << i;
-        else
+        started[i] = pthread_create(&tid[i], NULL, convert_job, &jobs[i]) == 0;
+        if (!started[i])
             convert_job(&jobs[i]);
     }
     convert_job(&jobs[0]);
     for (size_t i = 1; i < t; i++)
-        if (started & ((size_t)1 << i))
+        if (started[i])
             pthread_join(tid[i], NULL);
+    for (size_t i = 0; i < t; i++) {
+        if (jobs[i].special) {
+            *nonfinite_at = (size_t)(jobs[i].out - (uint32_t *)out) +
+                            first_special(jobs[i].out, jobs[i].n);
+            return PCS_ERR_NONFINITE;
+        }
+    }
     return PCS_OK;
 }

@@ -19,6 +19,7 @@
 #include <float.h>
 #include <limits.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -26,48 +27,120 @@
 #include "pcasurgery.h"
 
 static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
+static size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
 
-int pcs_llama_config_check(const PcsLlamaConfig *c)
+/* *out = a * b; nonzero when the product overflows size_t. */
+static int mul_ovf(size_t a, size_t b, size_t *out) { return __builtin_mul_overflow(a, b, out); }
+
+/* Every size the forward pass indexes with or hands to BLAS (32-bit ints)
+ * must fit: each dimension and product below is checked, and the first that
+ * does not fit is named in *what. */
+#define BLAS_MAX ((size_t)INT_MAX)
+
+int pcs_llama_config_check(const PcsLlamaConfig *c, const char **what)
 {
+    *what = NULL;
     if (c->dim == 0 || c->hidden_dim == 0 || c->n_layers == 0 || c->n_heads == 0 ||
         c->n_kv_heads == 0 || c->head_dim == 0 || c->vocab_size == 0 || c->seq_len == 0)
         return PCS_ERR_ARG;
     if (c->n_heads % c->n_kv_heads != 0 || c->head_dim % 2 != 0)
         return PCS_ERR_ARG;
-    size_t big = max_sz(max_sz(c->dim, c->hidden_dim), max_sz(c->vocab_size, c->seq_len));
-    if (big > (size_t)INT_MAX / 8 || c->n_heads * c->head_dim > (size_t)INT_MAX / 8)
+    const struct { size_t v; const char *name; } dims[] = {
+        {c->dim, "hidden_size (dim)"}, {c->hidden_dim, "intermediate_size (hidden_dim)"},
+        {c->vocab_size, "vocab_size"}, {c->seq_len, "seq_len (the context)"},
+        {c->head_dim, "head_dim"}, {c->n_heads, "n_heads"}, {c->n_kv_heads, "n_kv_heads"},
+        {c->n_layers, "n_layers"},
+    };
+    for (size_t i = 0; i < sizeof(dims) / sizeof(dims[0]); i++) {
+        if (dims[i].v > BLAS_MAX) {
+            *what = dims[i].name;
+            return PCS_ERR_TOO_LARGE;
+        }
+    }
+    size_t Dq, Dkv, x;
+    if (mul_ovf(c->n_heads, c->head_dim, &Dq) || Dq > BLAS_MAX) {
+        *what = "n_heads * head_dim";
         return PCS_ERR_TOO_LARGE;
+    }
+    if (mul_ovf(c->n_kv_heads, c->head_dim, &Dkv) || Dkv > BLAS_MAX) {
+        *what = "n_kv_heads * head_dim";
+        return PCS_ERR_TOO_LARGE;
+    }
+    /* weight matrices are indexed with size_t products: (V, D), (F, D), (Dq, D) */
+    if (mul_ovf(c->vocab_size, c->dim, &x) || mul_ovf(x, sizeof(float), &x)) {
+        *what = "vocab_size * hidden_size";
+        return PCS_ERR_TOO_LARGE;
+    }
+    if (mul_ovf(c->hidden_dim, c->dim, &x) || mul_ovf(x, sizeof(float), &x) ||
+        mul_ovf(Dq, c->dim, &x) || mul_ovf(x, sizeof(float), &x)) {
+        *what = "a weight matrix's size";
+        return PCS_ERR_TOO_LARGE;
+    }
+    return PCS_OK;
+}
+
+/* Float counts of the state's buffers for B = max_batch tokens per chunk,
+ * checked for overflow (the total in bytes too). */
+enum { N_STATE_BUFS = 10 };
+
+static int state_sizes(size_t n_floats[N_STATE_BUFS], size_t *total, const PcsLlamaConfig *c,
+                       size_t B, const char **what)
+{
+    const size_t S = c->seq_len, D = c->dim, F = c->hidden_dim;
+    const size_t Dq = c->n_heads * c->head_dim, Dkv = c->n_kv_heads * c->head_dim;
+    const size_t half = c->head_dim / 2;
+    size_t cache = 0;
+    int ovf = mul_ovf(B, D, &n_floats[0]) |                 /* x */
+              mul_ovf(B, max_sz(D, Dq), &n_floats[1]) |     /* xb */
+              mul_ovf(B, Dq, &n_floats[2]) |                /* q */
+              mul_ovf(B, S, &n_floats[3]) |                 /* att */
+              mul_ovf(B, F, &n_floats[4]) |                 /* hb */
+              mul_ovf(B, F, &n_floats[5]) |                 /* hb2 */
+              mul_ovf(S, half, &n_floats[6]) |              /* rope_cos */
+              mul_ovf(S, half, &n_floats[7]);               /* rope_sin */
+    if (ovf) {
+        *what = "max_batch * the activation width";
+        return PCS_ERR_TOO_LARGE;
+    }
+    if (mul_ovf(c->n_layers, S, &cache) || mul_ovf(cache, Dkv, &cache)) {
+        *what = "n_layers * seq_len * n_kv_heads * head_dim (the KV cache)";
+        return PCS_ERR_TOO_LARGE;
+    }
+    n_floats[8] = n_floats[9] = cache; /* k_cache, v_cache */
+    size_t sum = 0;
+    for (size_t i = 0; i < N_STATE_BUFS; i++) {
+        if (__builtin_add_overflow(sum, n_floats[i], &sum)) {
+            *what = "the KV cache and activation buffers";
+            return PCS_ERR_TOO_LARGE;
+        }
+    }
+    size_t bytes;
+    if (mul_ovf(sum, sizeof(float), &bytes) || bytes > (size_t)PTRDIFF_MAX) {
+        *what = "the KV cache and activation buffers";
+        return PCS_ERR_TOO_LARGE;
+    }
+    *total = sum;
     return PCS_OK;
 }
 
 /* ------------------------------------------------------------------ state */
 
-int pcs_llama_state_init(PcsLlamaState *s, const PcsLlamaConfig *c, size_t max_batch)
+int pcs_llama_state_init(PcsLlamaState *s, const PcsLlamaConfig *c, size_t max_batch,
+                         const char **what)
 {
     memset(s, 0, sizeof(*s));
-    int status = pcs_llama_config_check(c);
+    int status = pcs_llama_config_check(c, what);
     if (status)
         return status;
     if (max_batch == 0)
         return PCS_ERR_ARG;
-    const size_t B = max_batch, S = c->seq_len, D = c->dim, F = c->hidden_dim;
-    const size_t Dq = c->n_heads * c->head_dim, Dkv = c->n_kv_heads * c->head_dim;
+    /* a chunk never holds more tokens than the context */
+    const size_t B = min_sz(max_batch, c->seq_len), S = c->seq_len;
     const size_t half = c->head_dim / 2;
-    size_t n_floats[] = {
-        B * D,                       /* x */
-        B * max_sz(D, Dq),           /* xb */
-        B * Dq,                      /* q */
-        B * S,                       /* att */
-        B * F,                       /* hb */
-        B * F,                       /* hb2 */
-        S * half,                    /* rope_cos */
-        S * half,                    /* rope_sin */
-        c->n_layers * S * Dkv,       /* k_cache */
-        c->n_layers * S * Dkv,       /* v_cache */
-    };
-    size_t total = 0;
-    for (size_t i = 0; i < sizeof(n_floats) / sizeof(n_floats[0]); i++)
-        total += n_floats[i];
+    size_t n_floats[N_STATE_BUFS], total;
+    status = state_sizes(n_floats, &total, c, B, what);
+    if (status)
+        return status;
     float *block = calloc(total, sizeof(float));
     if (!block)
         return PCS_ERR_NOMEM;

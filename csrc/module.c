@@ -179,22 +179,33 @@ static PyObject *pca_fit(PyObject *module, PyObject *args)
                      precision);
         return NULL;
     }
-    PyObject *seq = PySequence_Fast(seq_obj, "matrices must be a sequence of 2-D arrays");
+    /* tuples of our own: converting a matrix can run Python code (__array__)
+     * that changes the caller's lists, and the names are read again after
+     * the kernel ran without the GIL */
+    if (!PySequence_Check(seq_obj) || PyUnicode_Check(seq_obj)) {
+        PyErr_SetString(PyExc_TypeError, "matrices must be a sequence of 2-D arrays");
+        return NULL;
+    }
+    if (!PySequence_Check(names_obj) || PyUnicode_Check(names_obj)) {
+        PyErr_SetString(PyExc_TypeError, "names must be a sequence of str");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Tuple(seq_obj);
     if (!seq)
         return NULL;
-    PyObject *names = PySequence_Fast(names_obj, "names must be a sequence of str");
+    PyObject *names = PySequence_Tuple(names_obj);
     if (!names) {
         Py_DECREF(seq);
         return NULL;
     }
-    Py_ssize_t M = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t M = PyTuple_GET_SIZE(seq);
     matview *views = NULL;
     PcsMatrix *mats = NULL;
     PyArrayObject *comp = NULL, *eig = NULL, *mean = NULL;
 
-    if (PySequence_Fast_GET_SIZE(names) != M) {
+    if (PyTuple_GET_SIZE(names) != M) {
         PyErr_Format(PyExc_ValueError, "names has %zd entries but matrices has %zd",
-                     PySequence_Fast_GET_SIZE(names), M);
+                     PyTuple_GET_SIZE(names), M);
         goto done;
     }
     if (M == 0) {
@@ -210,17 +221,22 @@ static PyObject *pca_fit(PyObject *module, PyObject *args)
     }
     size_t n = 0;
     for (Py_ssize_t i = 0; i < M; i++) {
-        const char *name = PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(names, i));
+        PyObject *name_obj = PyTuple_GET_ITEM(names, i);
+        if (!PyUnicode_Check(name_obj)) {
+            PyErr_Format(PyExc_TypeError, "names[%zd] must be a str", i);
+            goto done;
+        }
+        const char *name = PyUnicode_AsUTF8(name_obj);
         if (!name)
             goto done;
-        if (to_matview(PySequence_Fast_GET_ITEM(seq, i), name, 0, &views[i]) < 0)
+        if (to_matview(PyTuple_GET_ITEM(seq, i), name, 0, &views[i]) < 0)
             goto done;
         if (views[i].cols != views[0].cols) {
             PyErr_Format(PyExc_ValueError,
                          "%s has %zu columns but %s has %zu; stacked matrices "
                          "must share the input dimension",
                          name, views[i].cols,
-                         PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(names, 0)),
+                         PyUnicode_AsUTF8(PyTuple_GET_ITEM(names, 0)),
                          views[0].cols);
             goto done;
         }
@@ -258,7 +274,7 @@ static PyObject *pca_fit(PyObject *module, PyObject *args)
         PyErr_Format(PyExc_ValueError,
                      "%s contains NaN or Inf (first at row %zu, column %zu); "
                      "expected finite values",
-                     PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(names, (Py_ssize_t)where.matrix)),
+                     PyUnicode_AsUTF8(PyTuple_GET_ITEM(names, (Py_ssize_t)where.matrix)),
                      where.row, where.col);
         goto done;
     }
@@ -482,19 +498,23 @@ done:
 /* ------------------------------------------------------------ to_float32 */
 
 PyDoc_STRVAR(to_float32_doc,
-"to_float32(buffer, offset, nbytes, dtype, shape) -> ndarray\n"
+"to_float32($module, buffer, offset, nbytes, dtype, shape, name='tensor', /)\n"
+"--\n"
 "\n"
 "A new C-contiguous float32 array of `shape` from the nbytes bytes at\n"
 "`offset` of `buffer` (any object with the buffer protocol, e.g. an mmap),\n"
-"stored as dtype 'F32', 'F16' or 'BF16' (little-endian). Checks that the\n"
-"range lies inside the buffer and that nbytes = prod(shape) * itemsize.");
+"stored as dtype 'F32', 'F16' or 'BF16' (little-endian, any alignment).\n"
+"Checks that the range lies inside the buffer, that nbytes =\n"
+"prod(shape) * itemsize and that every value is finite; `name` names the\n"
+"tensor in errors.");
 
 static PyObject *to_float32(PyObject *module, PyObject *args)
 {
     PyObject *buf_obj, *shape_obj, *result = NULL;
     Py_ssize_t offset, nbytes;
-    const char *dt;
-    if (!PyArg_ParseTuple(args, "OnnsO:to_float32", &buf_obj, &offset, &nbytes, &dt, &shape_obj))
+    const char *dt, *name = "tensor";
+    if (!PyArg_ParseTuple(args, "OnnsO|s:to_float32", &buf_obj, &offset, &nbytes, &dt,
+                          &shape_obj, &name))
         return NULL;
     int dtype;
     size_t item;
@@ -512,19 +532,19 @@ static PyObject *to_float32(PyObject *module, PyObject *args)
     size_t count = 1;
     for (int i = 0; i < shape.len; i++) {
         if (shape.ptr[i] < 0) {
-            PyErr_SetString(PyExc_ValueError, "shape must not have negative dimensions");
+            PyErr_Format(PyExc_ValueError, "%s: shape must not have negative dimensions", name);
             goto done_shape;
         }
         if (shape.ptr[i] > 0 && count > ((size_t)PY_SSIZE_T_MAX / 8) / (size_t)shape.ptr[i]) {
-            PyErr_SetString(PyExc_ValueError, "shape is too large");
+            PyErr_Format(PyExc_ValueError, "%s: shape is too large", name);
             goto done_shape;
         }
         count *= (size_t)shape.ptr[i];
     }
     if (nbytes < 0 || (size_t)nbytes != count * item) {
         PyErr_Format(PyExc_ValueError,
-                     "nbytes (%zd) must equal prod(shape) * itemsize (%zu * %zu)", nbytes,
-                     count, item);
+                     "%s: nbytes (%zd) must equal prod(shape) * itemsize (%zu * %zu)", name,
+                     nbytes, count, item);
         goto done_shape;
     }
     Py_buffer view;
@@ -532,13 +552,8 @@ static PyObject *to_float32(PyObject *module, PyObject *args)
         goto done_shape;
     if (offset < 0 || offset > view.len || nbytes > view.len - offset) {
         PyErr_Format(PyExc_ValueError,
-                     "bytes [%zd, %zd) lie outside the buffer of %zd bytes", offset,
+                     "%s: bytes [%zd, %zd) lie outside the buffer of %zd bytes", name, offset,
                      offset + nbytes, view.len);
-        PyBuffer_Release(&view);
-        goto done_shape;
-    }
-    if (dtype != PCS_DTYPE_F32 && ((uintptr_t)((const char *)view.buf + offset) % 2) != 0) {
-        PyErr_SetString(PyExc_ValueError, "16-bit tensor data must start at an even address");
         PyBuffer_Release(&view);
         goto done_shape;
     }
@@ -548,11 +563,21 @@ static PyObject *to_float32(PyObject *module, PyObject *args)
         goto done_shape;
     }
     int status;
+    size_t bad = 0;
+    int n_threads = pcs_get_num_threads();
     Py_BEGIN_ALLOW_THREADS
     status = pcs_convert_to_f32((float *)PyArray_DATA(out), (const char *)view.buf + offset,
-                                count, dtype, pcs_get_num_threads());
+                                count, dtype, n_threads, &bad);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
+    if (status == PCS_ERR_NONFINITE) {
+        Py_DECREF(out);
+        PyErr_Format(PyExc_ValueError,
+                     "%s contains NaN or Inf (first at flat index %zu of %zu); expected "
+                     "finite weights",
+                     name, bad, count);
+        goto done_shape;
+    }
     if (status) {
         Py_DECREF(out);
         raise_status(module, status, "to_float32");
@@ -602,12 +627,12 @@ static void runtime_shape(const PcsLlamaConfig *c, Py_ssize_t idx, npy_intp dims
     }
 }
 
-static void runtime_point(LlamaRuntime *self, Py_ssize_t idx, const float *p)
+static void runtime_point(PcsLlamaWeights *w, Py_ssize_t idx, const float *p)
 {
-    if (idx == 0) { self->w.tok_emb = p; return; }
-    if (idx == 1) { self->w.final_norm = p; return; }
-    if (idx == 2) { self->w.lm_head = p; return; }
-    PcsLlamaLayer *L = &self->w.layers[(idx - RT_GLOBAL) / RT_PER_LAYER];
+    if (idx == 0) { w->tok_emb = p; return; }
+    if (idx == 1) { w->final_norm = p; return; }
+    if (idx == 2) { w->lm_head = p; return; }
+    PcsLlamaLayer *L = &w->layers[(idx - RT_GLOBAL) / RT_PER_LAYER];
     const float **slot[RT_PER_LAYER] = {&L->attn_norm, &L->wq, &L->wk, &L->wv, &L->wo,
                                         &L->ffn_norm, &L->w_gate, &L->w_up, &L->w_down};
     *slot[(idx - RT_GLOBAL) % RT_PER_LAYER] = p;
@@ -615,12 +640,12 @@ static void runtime_point(LlamaRuntime *self, Py_ssize_t idx, const float *p)
 
 /* Check that obj is a float32, C-contiguous, aligned array of the shape
  * array `idx` must have; returns a new reference or NULL. */
-static PyArrayObject *runtime_check(LlamaRuntime *self, Py_ssize_t idx, PyObject *obj,
+static PyArrayObject *runtime_check(const PcsLlamaConfig *c, Py_ssize_t idx, PyObject *obj,
                                     const char *name)
 {
     npy_intp dims[2];
     int nd;
-    runtime_shape(&self->cfg, idx, dims, &nd);
+    runtime_shape(c, idx, dims, &nd);
     if (!PyArray_Check(obj)) {
         PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray, got %s", name,
                      Py_TYPE(obj)->tp_name);
@@ -651,9 +676,17 @@ static PyArrayObject *runtime_check(LlamaRuntime *self, Py_ssize_t idx, PyObject
 
 static int size_arg(PyObject *tuple, Py_ssize_t i, const char *what, size_t *out)
 {
-    Py_ssize_t v = PyLong_AsSsize_t(PyTuple_GET_ITEM(tuple, i));
-    if (v == -1 && PyErr_Occurred())
+    PyObject *o = PyTuple_GET_ITEM(tuple, i);
+    if (!PyLong_Check(o) || PyBool_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "config %s must be an int, got %R", what, o);
         return -1;
+    }
+    Py_ssize_t v = PyLong_AsSsize_t(o);
+    if (v == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "config %s is too large, got %R", what, o);
+        return -1;
+    }
     if (v <= 0) {
         PyErr_Format(PyExc_ValueError, "config %s must be a positive int, got %zd", what, v);
         return -1;
@@ -662,26 +695,15 @@ static int size_arg(PyObject *tuple, Py_ssize_t i, const char *what, size_t *out
     return 0;
 }
 
-static int runtime_init(LlamaRuntime *self, PyObject *args, PyObject *kwargs)
+/* Parse and check the config tuple into *c; 0, or -1 with an exception. */
+static int runtime_config(PyObject *cfg, PcsLlamaConfig *c)
 {
-    static char *kwlist[] = {"config", "arrays", "names", "max_batch", NULL};
-    PyObject *cfg, *arrays, *names;
-    Py_ssize_t max_batch = 512;
-    if (self->arrays) {
-        PyErr_SetString(PyExc_RuntimeError, "LlamaRuntime is already initialised");
-        return -1;
-    }
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!O!O!|n:LlamaRuntime", kwlist,
-                                     &PyTuple_Type, &cfg, &PyList_Type, &arrays,
-                                     &PyList_Type, &names, &max_batch))
-        return -1;
     if (PyTuple_GET_SIZE(cfg) != 10) {
         PyErr_SetString(PyExc_ValueError,
                         "config must be (dim, hidden_dim, n_layers, n_heads, n_kv_heads, "
                         "head_dim, vocab_size, seq_len, rms_eps, rope_theta)");
         return -1;
     }
-    PcsLlamaConfig *c = &self->cfg;
     const char *what[] = {"dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads",
                           "head_dim", "vocab_size", "seq_len"};
     size_t *field[] = {&c->dim, &c->hidden_dim, &c->n_layers, &c->n_heads, &c->n_kv_heads,
@@ -689,14 +711,15 @@ static int runtime_init(LlamaRuntime *self, PyObject *args, PyObject *kwargs)
     for (int i = 0; i < 8; i++)
         if (size_arg(cfg, i, what[i], field[i]) < 0)
             return -1;
-    double eps = PyFloat_AsDouble(PyTuple_GET_ITEM(cfg, 8));
-    double theta = PyFloat_AsDouble(PyTuple_GET_ITEM(cfg, 9));
+    PyObject *eps_obj = PyTuple_GET_ITEM(cfg, 8), *theta_obj = PyTuple_GET_ITEM(cfg, 9);
+    double eps = PyFloat_AsDouble(eps_obj);
+    double theta = PyFloat_AsDouble(theta_obj);
     if (PyErr_Occurred())
         return -1;
     if (!(eps > 0.0) || !(theta > 0.0) || !isfinite(eps) || !isfinite(theta)) {
         PyErr_Format(PyExc_ValueError,
-                     "config rms_eps and rope_theta must be positive and finite, got %g and %g",
-                     eps, theta);
+                     "config rms_eps and rope_theta must be positive and finite, got %R and %R",
+                     eps_obj, theta_obj);
         return -1;
     }
     c->rms_eps = (float)eps;
@@ -712,49 +735,98 @@ static int runtime_init(LlamaRuntime *self, PyObject *args, PyObject *kwargs)
                      c->head_dim);
         return -1;
     }
-    if (pcs_llama_config_check(c)) {
-        PyErr_SetString(PyExc_ValueError, "config sizes are too large");
+    const char *too_large = NULL;
+    if (pcs_llama_config_check(c, &too_large)) {
+        PyErr_Format(PyExc_ValueError, "config is too large: %s does not fit",
+                     too_large ? too_large : "a size");
         return -1;
     }
+    return 0;
+}
+
+/* Everything is built in locals and checked first; self is filled only once
+ * nothing can fail any more, so a failed __init__ leaves the runtime
+ * uninitialised (every method then raises), never half-built. */
+static int runtime_init(LlamaRuntime *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"config", "arrays", "names", "max_batch", NULL};
+    PyObject *cfg, *arrays_in, *names_in, *arrays = NULL, *names = NULL;
+    Py_ssize_t max_batch = 512;
+    PcsLlamaConfig c = {0};
+    PcsLlamaState st = {0};
+    PcsLlamaLayer *layers = NULL;
+    if (self->arrays) {
+        PyErr_SetString(PyExc_RuntimeError, "LlamaRuntime is already initialised");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!O!O!|n:LlamaRuntime", kwlist,
+                                     &PyTuple_Type, &cfg, &PyList_Type, &arrays_in,
+                                     &PyList_Type, &names_in, &max_batch))
+        return -1;
+    if (runtime_config(cfg, &c) < 0)
+        return -1;
     if (max_batch < 1) {
         PyErr_Format(PyExc_ValueError, "max_batch must be >= 1, got %zd", max_batch);
         return -1;
     }
-    Py_ssize_t n = (Py_ssize_t)(RT_GLOBAL + RT_PER_LAYER * c->n_layers);
+    /* private copies: the caller's lists may change while we work */
+    arrays = PySequence_List(arrays_in);
+    names = PySequence_List(names_in);
+    if (!arrays || !names)
+        goto fail;
+    Py_ssize_t n = (Py_ssize_t)(RT_GLOBAL + RT_PER_LAYER * c.n_layers);
     if (PyList_GET_SIZE(arrays) != n || PyList_GET_SIZE(names) != n) {
         PyErr_Format(PyExc_ValueError,
                      "arrays and names must each hold %zd entries (3 + 9 per layer), got %zd and %zd",
                      n, PyList_GET_SIZE(arrays), PyList_GET_SIZE(names));
-        return -1;
+        goto fail;
     }
-    self->w.layers = PyMem_Calloc(c->n_layers, sizeof(PcsLlamaLayer));
-    self->arrays = PyList_New(n);
-    if (!self->w.layers || !self->arrays) {
+    layers = PyMem_Calloc(c.n_layers, sizeof(PcsLlamaLayer));
+    if (!layers) {
         PyErr_NoMemory();
-        return -1;
+        goto fail;
     }
+    PcsLlamaWeights w = {.layers = layers};
     for (Py_ssize_t i = 0; i < n; i++) {
-        const char *name = PyUnicode_AsUTF8(PyList_GET_ITEM(names, i));
+        PyObject *name_obj = PyList_GET_ITEM(names, i);
+        if (!PyUnicode_Check(name_obj)) {
+            PyErr_Format(PyExc_TypeError, "names[%zd] must be a str", i);
+            goto fail;
+        }
+        const char *name = PyUnicode_AsUTF8(name_obj);
         if (!name)
-            return -1;
-        PyArrayObject *a = runtime_check(self, i, PyList_GET_ITEM(arrays, i), name);
+            goto fail;
+        PyArrayObject *a = runtime_check(&c, i, PyList_GET_ITEM(arrays, i), name);
         if (!a)
-            return -1;
-        runtime_point(self, i, (const float *)PyArray_DATA(a));
-        PyList_SET_ITEM(self->arrays, i, (PyObject *)a);
+            goto fail;
+        Py_DECREF(a); /* `arrays` holds it */
+        runtime_point(&w, i, (const float *)PyArray_DATA(a));
     }
-    Py_INCREF(names);
-    self->names = names;
-    int status = pcs_llama_state_init(&self->st, c, (size_t)max_batch);
+    const char *too_large = NULL;
+    int status = pcs_llama_state_init(&st, &c, (size_t)max_batch, &too_large);
     if (status) {
         if (status == PCS_ERR_NOMEM)
             PyErr_Format(PyExc_MemoryError,
-                         "cannot allocate the KV cache and buffers for seq_len=%zu", c->seq_len);
+                         "cannot allocate the KV cache and buffers for seq_len=%zu", c.seq_len);
+        else if (status == PCS_ERR_TOO_LARGE)
+            PyErr_Format(PyExc_ValueError, "config is too large: %s does not fit",
+                         too_large ? too_large : "a size");
         else
             PyErr_Format(PyExc_ValueError, "LlamaRuntime: %s", pcs_status_str(status));
-        return -1;
+        goto fail;
     }
+    /* commit */
+    self->cfg = c;
+    self->w = w;
+    self->st = st;
+    self->arrays = arrays;
+    self->names = names;
     return 0;
+fail:
+    PyMem_Free(layers);
+    Py_XDECREF(arrays);
+    Py_XDECREF(names);
+    return -1;
 }
 
 static int runtime_traverse(LlamaRuntime *self, visitproc visit, void *arg)
@@ -911,10 +983,10 @@ static PyObject *runtime_set_weight(LlamaRuntime *self, PyObject *args)
     const char *name = PyUnicode_AsUTF8(PyList_GET_ITEM(self->names, idx));
     if (!name)
         return NULL;
-    PyArrayObject *a = runtime_check(self, idx, obj, name);
+    PyArrayObject *a = runtime_check(&self->cfg, idx, obj, name);
     if (!a)
         return NULL;
-    runtime_point(self, idx, (const float *)PyArray_DATA(a));
+    runtime_point(&self->w, idx, (const float *)PyArray_DATA(a));
     PyList_SetItem(self->arrays, idx, (PyObject *)a); /* steals a, drops the old */
     Py_RETURN_NONE;
 }

@@ -136,8 +136,13 @@ typedef struct {
     void *block;
 } PcsLlamaState;
 
-int pcs_llama_config_check(const PcsLlamaConfig *c);
-int pcs_llama_state_init(PcsLlamaState *s, const PcsLlamaConfig *c, size_t max_batch);
+/* PCS_ERR_ARG for a zero size, n_heads not a multiple of n_kv_heads or an
+ * odd head_dim; PCS_ERR_TOO_LARGE, with the quantity named in *what, when a
+ * size or product does not fit the 32-bit BLAS or size_t. */
+int pcs_llama_config_check(const PcsLlamaConfig *c, const char **what);
+/* max_batch is capped at seq_len (a chunk never holds more tokens). */
+int pcs_llama_state_init(PcsLlamaState *s, const PcsLlamaConfig *c, size_t max_batch,
+                         const char **what);
 void pcs_llama_state_free(PcsLlamaState *s);
 /* Run tokens (T) at positions P..P+T-1 (P <= n_cached; P + T <= S), append
  * their keys and values to the cache, and write logits: (T, V) when
@@ -148,10 +153,12 @@ int pcs_llama_forward(float *logits, PcsLlamaState *s, const PcsLlamaConfig *c,
 
 /* ---- checkpoint storage formats (convert.c) */
 enum { PCS_DTYPE_F32 = 0, PCS_DTYPE_F16 = 1, PCS_DTYPE_BF16 = 2 };
-/* out (n) float32 = the n little-endian values of `dtype` at src (which
- * need not be aligned for F32; 2-byte aligned for F16/BF16), split over up
- * to n_threads threads. */
-int pcs_convert_to_f32(float *out, const void *src, size_t n, int dtype, int n_threads);
+/* out (n) float32 = the n little-endian values of `dtype` at src (no
+ * alignment needed), split over up to n_threads threads. Every value is
+ * converted; PCS_ERR_NONFINITE when some are NaN or Inf, with the index of
+ * the first in *nonfinite_at. */
+int pcs_convert_to_f32(float *out, const void *src, size_t n, int dtype, int n_threads,
+                       size_t *nonfinite_at);
 
 /* ---- threads (pca.c): our OpenBLAS's own pool */
 void pcs_set_num_threads(int n);

@@ -63,7 +63,7 @@ def fraction_list(s: str) -> list[float]:
 
 
 def build_parser() -> Parser:
-    from .checkpoints import DEFAULT_MODEL_ID
+    from .lookup import DEFAULT_MODEL_ID
     from .surgery import MODES
 
     p = Parser(prog="python -m pcasurgery", description=__doc__.split("\n")[0],
@@ -195,7 +195,7 @@ def _main(argv: list[str] | None) -> int:
     from tqdm import tqdm
 
     from . import set_num_threads
-    from .checkpoints import DEMO_DESCRIPTION, DEMO_MODEL_DIR, resolve_auto
+    from .lookup import DEMO_DESCRIPTION, DEMO_MODEL_DIR, resolve_auto
     from .evaluate import Evaluator, default_eval_tokens
     from .experiment import compare_at_equal_budget, run
     from .model import LlamaModel

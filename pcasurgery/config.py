@@ -1,4 +1,5 @@
-"""LlamaConfig: the architecture numbers the forward pass needs."""
+"""LlamaConfig: the architecture numbers the forward pass needs, and the weight
+layout they imply (names in the C kernel's order, shapes)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -60,3 +61,48 @@ class LlamaConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+LAYER_KEYS = (
+    "input_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+)
+
+
+def weight_names(config: LlamaConfig) -> list[str]:
+    """Every weight name in the C kernel's order: embedding, final norm,
+    lm_head, then the nine tensors of each layer."""
+    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+    for i in range(config.num_hidden_layers):
+        names += [f"model.layers.{i}.{k}" for k in LAYER_KEYS]
+    return names
+
+
+def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    D, F, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    Dq = config.num_attention_heads * config.head_dim
+    Dkv = config.kv_dim
+    per_layer = {
+        "input_layernorm.weight": (D,),
+        "self_attn.q_proj.weight": (Dq, D),
+        "self_attn.k_proj.weight": (Dkv, D),
+        "self_attn.v_proj.weight": (Dkv, D),
+        "self_attn.o_proj.weight": (D, Dq),
+        "post_attention_layernorm.weight": (D,),
+        "mlp.gate_proj.weight": (F, D),
+        "mlp.up_proj.weight": (F, D),
+        "mlp.down_proj.weight": (D, F),
+    }
+    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,),
+              "lm_head.weight": (V, D)}
+    for i in range(config.num_hidden_layers):
+        for k, s in per_layer.items():
+            shapes[f"model.layers.{i}.{k}"] = s
+    return shapes

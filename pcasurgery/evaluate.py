@@ -8,11 +8,33 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .model import LlamaModel, _log_softmax, window_kl_agree, window_nll
+if TYPE_CHECKING:
+    from .model import LlamaModel
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis, in float64."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return x
+
+
+def window_nll(logp: np.ndarray, win: np.ndarray) -> float:
+    """Negative log-likelihood of win[1:] under log-probs logp (len(win), V)
+    of a window that starts with BOS: every token after BOS is scored."""
+    return -float(logp[np.arange(len(win) - 1), win[1:]].sum())
+
+
+def window_kl_agree(ref: np.ndarray, other: np.ndarray) -> tuple[float, int]:
+    """Summed KL(ref || other) over positions and the number of positions
+    whose argmax agrees, for log-probs (T, V)."""
+    return (float((np.exp(ref) * (ref - other)).sum()),
+            int((ref.argmax(-1) == other.argmax(-1)).sum()))
 
 
 @dataclass
@@ -49,20 +71,22 @@ class Evaluator:
     def __init__(self, model: LlamaModel, tokens: Any, n_ctx: int = 512) -> None:
         self.model = model
         self.windows = model._windows(tokens, n_ctx)
-        self.base = [_log_softmax(model.logits(w)) for w in self.windows]
+        with model.lock:
+            self.base = [log_softmax(model.logits(w)) for w in self.windows]
         self.base_quality = self.evaluate()
 
     def evaluate(self) -> Quality:
         t0 = time.perf_counter()
         nll = kl = 0.0
         agree = count = scored = 0
-        for w, lb in zip(self.windows, self.base):
-            ls = _log_softmax(self.model.logits(w))
-            nll += window_nll(ls, w)
-            k, a = window_kl_agree(lb, ls)
-            kl += k
-            agree += a
-            count += len(w)
-            scored += len(w) - 1
+        with self.model.lock:  # one set of weights for every window
+            for w, lb in zip(self.windows, self.base):
+                ls = log_softmax(self.model.logits(w))
+                nll += window_nll(ls, w)
+                k, a = window_kl_agree(lb, ls)
+                kl += k
+                agree += a
+                count += len(w)
+                scored += len(w) - 1
         return Quality(float(np.exp(nll / scored)), kl / count, agree / count, scored,
                        time.perf_counter() - t0)

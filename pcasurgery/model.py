@@ -7,14 +7,18 @@ Hugging Face names; the C runtime borrows them. ``set_weight`` swaps one
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import _C
-from .checkpoints import expected_shapes, load_llama2c, weight_names
+from .checkpoints import load_llama2c
+from .config import expected_shapes, weight_names
+from .evaluate import log_softmax, window_kl_agree, window_nll
 from .config import LlamaConfig
 
 
@@ -34,26 +38,6 @@ class WeightsView(Mapping):
         return len(self._m._weights)
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
-    return x
-
-
-def window_nll(logp: np.ndarray, win: np.ndarray) -> float:
-    """Negative log-likelihood of win[1:] under log-probs logp (len(win), V)
-    of a window that starts with BOS: every token after BOS is scored."""
-    return -float(logp[np.arange(len(win) - 1), win[1:]].sum())
-
-
-def window_kl_agree(ref: np.ndarray, other: np.ndarray) -> tuple[float, int]:
-    """Summed KL(ref || other) over positions and the number of positions
-    whose argmax agrees, for log-probs (T, V)."""
-    return (float((np.exp(ref) * (ref - other)).sum()),
-            int((ref.argmax(-1) == other.argmax(-1)).sum()))
-
-
 class LlamaModel:
     """A Llama decoder: config, tokenizer and float32 weights, with the C
     forward pass.
@@ -62,7 +46,7 @@ class LlamaModel:
     ----------
     config : LlamaConfig
     weights : mapping name -> array
-        Every tensor :func:`pcasurgery.checkpoints.weight_names` lists, with
+        Every tensor :func:`pcasurgery.config.weight_names` lists, with
         the shapes the config implies. Converted to C-contiguous float32.
     tokenizer : optional
         An object with ``encode``/``decode``/``bos_id``/``eos_id``.
@@ -70,7 +54,18 @@ class LlamaModel:
         Context (KV-cache) length; default the config's
         max_position_embeddings.
     max_batch : int
-        Tokens per prefill chunk (bounds the activation buffers).
+        Tokens per prefill chunk (bounds the activation buffers; at most the
+        context is used).
+
+    Threads: a model may be shared between threads. Each call that runs it
+    (``logits``, ``generate``, ``generate_ids``, ``perplexity``,
+    ``kl_divergence``) or changes it (``set_weight``) holds the model's
+    :attr:`lock` for its whole duration, so concurrent calls run one after
+    another, each with its own use of the KV cache and one consistent set of
+    weights. Hold ``model.lock`` yourself to make several calls one unit (as
+    :class:`pcasurgery.evaluate.Evaluator` does). For parallel forward passes
+    use one model per thread; they can share the weight arrays
+    (``LlamaModel(m.config, m.weights)`` copies nothing).
     """
 
     def __init__(
@@ -104,13 +99,16 @@ class LlamaModel:
         n_ctx = config.max_position_embeddings if n_ctx is None else n_ctx
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
             raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
         self.n_ctx = n_ctx
+        self.lock = threading.RLock()
         c = config
         self._rt = _C.LlamaRuntime(
             (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
              c.num_key_value_heads, c.head_dim, c.vocab_size, n_ctx, float(c.rms_norm_eps),
              float(c.rope_theta)),
-            [self._weights[n] for n in self._names], list(self._names), max_batch,
+            [self._weights[n] for n in self._names], list(self._names), min(max_batch, n_ctx),
         )
 
     # ------------------------------------------------------------- loading
@@ -130,7 +128,8 @@ class LlamaModel:
         - a llama2.c ``.bin`` checkpoint, its tokenizer ``.bin`` given or found
           beside it (``tok<V>.bin`` or ``tokenizer.bin``).
         n_ctx limits the context (and the KV cache)."""
-        from .checkpoints import load_hf_folder, resolve_model
+        from .checkpoints import load_hf_folder
+        from .lookup import resolve_model
         from .tokenizers import Llama2cTokenizer, load_hf_tokenizer
 
         p = resolve_model(path_or_id)
@@ -176,11 +175,12 @@ class LlamaModel:
         # a tied embedding and lm_head are one array under two names
         tied = {"model.embed_tokens.weight", "lm_head.weight"}
         names = tied if self.config.tie_word_embeddings and name in tied else {name}
-        for i, n in enumerate(self._names):
-            if n in names:
-                self._rt.set_weight(i, a)
-                self._weights[n] = a
-        self._rt.reset()
+        with self.lock:
+            for i, n in enumerate(self._names):
+                if n in names:
+                    self._rt.set_weight(i, a)
+                    self._weights[n] = a
+            self._rt.reset()
 
     # -------------------------------------------------------------- tokens
     def _as_tokens(self, tokens: Any, what: str = "tokens") -> np.ndarray:
@@ -208,8 +208,9 @@ class LlamaModel:
         t = self._as_tokens(tokens)
         if len(t) > self.n_ctx:
             raise ValueError(f"{len(t)} tokens exceed the context of {self.n_ctx} tokens")
-        self._rt.reset()
-        return self._rt.forward(t, 0, True)
+        with self.lock:
+            self._rt.reset()
+            return self._rt.forward(t, 0, True)
 
     def generate(
         self, prompt: str | Any | None, max_new_tokens: int = 256, temperature: float = 0.0,
@@ -264,19 +265,20 @@ class LlamaModel:
         stop = {self.config.eos_token_id, self.config.bos_token_id}
         if self.tokenizer is not None:
             stop |= {self.tokenizer.eos_id, self.tokenizer.bos_id}
-        self._rt.reset()
-        logits = self._rt.forward(t, 0, False)[0]
-        pos = len(t)
         out: list[int] = []
-        while len(out) < max_new_tokens:
-            nxt = self._sample(logits, temperature, top_p, rng)
-            if nxt in stop:
-                break
-            out.append(nxt)
-            if pos >= self.n_ctx:
-                break
-            logits = self._rt.forward(np.array([nxt]), pos, False)[0]
-            pos += 1
+        with self.lock:  # the KV cache is ours until the last token
+            self._rt.reset()
+            logits = self._rt.forward(t, 0, False)[0]
+            pos = len(t)
+            while len(out) < max_new_tokens:
+                nxt = self._sample(logits, temperature, top_p, rng)
+                if nxt in stop:
+                    break
+                out.append(nxt)
+                if pos >= self.n_ctx:
+                    break
+                logits = self._rt.forward(np.array([nxt]), pos, False)[0]
+                pos += 1
         return out
 
     @staticmethod
@@ -284,7 +286,7 @@ class LlamaModel:
                 rng: np.random.Generator) -> int:
         if temperature == 0.0:
             return int(np.argmax(logits))
-        logp = _log_softmax(logits / temperature)
+        logp = log_softmax(logits / temperature)
         p = np.exp(logp)
         if top_p < 1.0:
             order = np.argsort(-p, kind="stable")
@@ -319,9 +321,11 @@ class LlamaModel:
         first token is predicted from BOS alone). Returns
         (exp(mean negative log-likelihood), number of tokens scored)."""
         nll, count = 0.0, 0
-        for win in self._windows(text_or_tokens, n_ctx):
-            nll += window_nll(_log_softmax(self.logits(win)[:-1]), win)
-            count += len(win) - 1
+        windows = self._windows(text_or_tokens, n_ctx)
+        with self.lock:  # one set of weights for every window
+            for win in windows:
+                nll += window_nll(log_softmax(self.logits(win)[:-1]), win)
+                count += len(win) - 1
         return float(np.exp(nll / count)), count
 
     def kl_divergence(
@@ -333,11 +337,15 @@ class LlamaModel:
         if reference.config.vocab_size != self.config.vocab_size:
             raise ValueError("reference has a different vocabulary size")
         kl, agree, count = 0.0, 0, 0
-        for win in self._windows(text_or_tokens, n_ctx):
-            k, a = window_kl_agree(_log_softmax(reference.logits(win)),
-                                   _log_softmax(self.logits(win)))
-            kl += k
-            agree += a
-            count += len(win)
+        windows = self._windows(text_or_tokens, n_ctx)
+        with ExitStack() as held:  # both models, always taken in one order
+            for m in sorted({id(self): self, id(reference): reference}.items()):
+                held.enter_context(m[1].lock)
+            for win in windows:
+                k, a = window_kl_agree(log_softmax(reference.logits(win)),
+                                       log_softmax(self.logits(win)))
+                kl += k
+                agree += a
+                count += len(win)
         return kl / count, agree / count
 

@@ -15,9 +15,9 @@ import pytest
 from conftest import ROOT, SHARED, cli
 
 from pcasurgery import LlamaModel
-from pcasurgery.checkpoints import (
-    DEFAULT_MODEL_ID, DEMO_MODEL_DIR, read_safetensors_header, resolve_auto, weight_names,
-)
+from pcasurgery.checkpoints import read_safetensors_header
+from pcasurgery.config import weight_names
+from pcasurgery.lookup import DEFAULT_MODEL_ID, DEMO_MODEL_DIR, resolve_auto
 
 DEMO = DEMO_MODEL_DIR
 AUSTEN = SHARED / "data" / "austen"
