@@ -7,8 +7,10 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
@@ -1047,17 +1049,40 @@ static PyType_Spec runtime_spec = {
 
 /* ---------------------------------------------------------------- threads */
 
+/* The most threads our OpenBLAS runs: its build's MAX_THREADS (it clamps
+ * larger requests silently), or 4096 when the build string does not say. */
+static long max_blas_threads(void)
+{
+    const char *cfg = pcs_blas_config();
+    const char *p = cfg ? strstr(cfg, "MAX_THREADS=") : NULL;
+    long n = p ? strtol(p + strlen("MAX_THREADS="), NULL, 10) : 0;
+    return n > 0 ? n : 4096;
+}
+
 static PyObject *set_num_threads(PyObject *module, PyObject *arg)
 {
     long n = PyLong_AsLong(arg);
-    if (n == -1 && PyErr_Occurred())
-        return NULL;
-    if (n < 1 || n > 4096) {
-        PyErr_Format(PyExc_ValueError, "n must be a positive thread count, got %ld", n);
+    if (n == -1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return NULL;
+        PyErr_Clear();
+        n = LONG_MAX;
+    }
+    long limit = max_blas_threads();
+    if (n < 1 || n > limit) {
+        PyErr_Format(PyExc_ValueError,
+                     "threads must be between 1 and %ld (the MAX_THREADS of pcasurgery's "
+                     "OpenBLAS build), got %R",
+                     limit, arg);
         return NULL;
     }
     pcs_set_num_threads((int)n);
     Py_RETURN_NONE;
+}
+
+static PyObject *max_threads(PyObject *module, PyObject *unused)
+{
+    return PyLong_FromLong(max_blas_threads());
 }
 
 static PyObject *get_num_threads(PyObject *module, PyObject *unused)
@@ -1089,6 +1114,8 @@ static PyMethodDef methods[] = {
     {"to_float32", to_float32, METH_VARARGS, to_float32_doc},
     {"set_num_threads", set_num_threads, METH_O,
      "set_num_threads(n): threads of pcasurgery's own OpenBLAS."},
+    {"max_threads", max_threads, METH_NOARGS,
+     "max_threads($module, /)\n--\n\nThe most threads pcasurgery's OpenBLAS runs (its MAX_THREADS)."},
     {"get_num_threads", get_num_threads, METH_NOARGS,
      "get_num_threads() -> threads of pcasurgery's own OpenBLAS."},
     {"blas_config", blas_config, METH_NOARGS,

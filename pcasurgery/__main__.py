@@ -14,7 +14,9 @@ import io
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 DEMO_PROMPT = "It is a truth universally acknowledged"
 DEFAULT_SWEEP = [0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
@@ -108,23 +110,28 @@ def build_parser() -> Parser:
                    help="sampling temperature (default 0: greedy, reproducible)")
     p.add_argument("--seed", type=int, default=0, help="seed for eval text and sampling")
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="BLAS threads (default: OpenBLAS's own choice, all cores)")
+                   help="BLAS threads (default: OpenBLAS's own choice, all cores; at most its "
+                        "build's MAX_THREADS)")
     p.add_argument("--out", type=Path, default=None,
                    help="write results.json, results.csv and PNG plots to this folder")
     p.add_argument("--save", type=Path, default=None,
-                   help="write the surgered model (one mode, one setting) as a Hugging Face folder")
+                   help="write the surgered model (one mode, one setting) as a Hugging Face "
+                        "folder; it must be new or empty (a non-empty folder is refused, so "
+                        "no stale file can shadow the new weights)")
     p.add_argument("--json", action="store_true", help="print results as JSON on stdout")
     return p
 
 
 def is_chat_model(model) -> bool:
+    """A chat template in the folder's tokenizer_config.json, or "chat" in
+    its name (TinyLlama-1.1B-Chat)."""
+    from .checkpoints import read_json_object
+
     src = Path(model.source) if model.source else None
-    if src is not None and src.is_dir() and (src / "tokenizer_config.json").is_file():
-        try:
-            if "chat_template" in json.loads((src / "tokenizer_config.json").read_text()):
-                return True
-        except (OSError, ValueError):
-            pass
+    if src is not None and src.is_dir() and (src / "tokenizer_config.json").exists():
+        cfg = read_json_object(src / "tokenizer_config.json", "tokenizer config")
+        if "chat_template" in cfg:
+            return True
     return "chat" in str(model.source).lower()
 
 
@@ -155,20 +162,30 @@ def csv_text(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI: 0 on success; a mistake in the arguments or inputs prints one
+    line and returns 2; Ctrl-C prints one line and returns 130 (outputs are
+    written atomically, so an interrupted run leaves none behind)."""
     try:
         return _main(argv)
     except UserError as e:
         print(f"pcasurgery: error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, KeyError, NotADirectoryError, PermissionError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    except KeyboardInterrupt:
+        print("pcasurgery: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, OSError) as e:
+        if isinstance(e, KeyError) and e.args:
+            msg = e.args[0]
+        elif isinstance(e, OSError) and e.filename is not None and e.strerror:
+            msg = f"{e.filename}: {e.strerror}"
+        else:
+            msg = e
         print(f"pcasurgery: error: {msg}", file=sys.stderr)
         return 2
 
 
-def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-    from .export import check_writable
+def parse_plan(args: argparse.Namespace) -> tuple[list[str], list[tuple[str, Any]]]:
+    """The modes and the (kind, value) settings of a run, checked."""
     from .surgery import MODES
 
     modes = ([m.strip() for m in args.mode.split(",") if m.strip()] if args.mode
@@ -178,34 +195,50 @@ def _main(argv: list[str] | None) -> int:
         raise UserError(f"--mode must be among {', '.join(MODES)}; got {args.mode!r}")
     if args.sweep is not None and not args.sweep:
         raise UserError("--sweep needs at least one threshold in (0, 1]")
-    settings = ([("rank", args.rank)] if args.rank else
-                [("var", v) for v in args.sweep] if args.sweep else [("var", args.var or 0.3)])
+    settings: list[tuple[str, Any]] = (
+        [("rank", args.rank)] if args.rank else
+        [("var", v) for v in args.sweep] if args.sweep else [("var", args.var or 0.3)])
     if args.save and (len(modes) > 1 or len(settings) > 1):
         raise UserError("--save needs one mode and one setting (--var or --rank)")
-    if args.eval_text is not None and not args.eval_text.is_file():
-        raise UserError(f"--eval-text {args.eval_text} does not exist")
+    return modes, settings
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Everything that can be checked before the model loads."""
+    from .export import check_empty_or_new, check_writable
+    from .threads import max_threads
+
+    if args.eval_text is not None:
+        from .checkpoints import check_regular_file
+
+        try:
+            check_regular_file(args.eval_text, "--eval-text")
+        except (ValueError, FileNotFoundError) as e:
+            raise UserError(str(e)) from None
+    if args.threads is not None and args.threads > max_threads():
+        raise UserError(f"--threads {args.threads}: at most {max_threads()} (the MAX_THREADS "
+                        "of pcasurgery's OpenBLAS build)")
+    if args.prompt is not None:
+        from .tokenizers import check_text
+
+        try:
+            check_text(args.prompt, "--prompt")
+        except ValueError as e:
+            raise UserError(str(e)) from None
     for folder, what in ((args.out, "--out"), (args.save, "--save")):
         if folder is not None:
             try:
                 check_writable(folder, what)
+                if what == "--save":
+                    check_empty_or_new(folder, what)
             except ValueError as e:
                 raise UserError(str(e)) from None
 
-    import numpy as np
-    from tqdm import tqdm
 
-    from . import set_num_threads
-    from .lookup import DEMO_DESCRIPTION, DEMO_MODEL_DIR, resolve_auto
-    from .evaluate import Evaluator, default_eval_tokens
-    from .experiment import compare_at_equal_budget, run
+def load_model(args: argparse.Namespace, say: Callable[..., None]):
+    from .lookup import DEMO_DESCRIPTION, resolve_auto
     from .model import LlamaModel
 
-    def progress(it, **kw):
-        return tqdm(it, file=sys.stderr, delay=1.0, leave=False, **kw)
-
-    if args.threads:
-        set_num_threads(args.threads)
-    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     t0 = time.perf_counter()
     if args.model == "auto":
         path, which = resolve_auto()
@@ -223,16 +256,102 @@ def _main(argv: list[str] | None) -> int:
     say(f"loaded {model.source} in {time.perf_counter() - t0:.1f} s: {c.num_hidden_layers} "
         f"layers, hidden {c.hidden_size}, {c.num_attention_heads} query / "
         f"{c.num_key_value_heads} KV heads, vocabulary {c.vocab_size}")
-    n_ctx = min(512, model.n_ctx)
+    return model
+
+
+def eval_tokens(args: argparse.Namespace, model) -> tuple[Any, str]:
+    """The eval token ids (without BOS) and a description of them."""
+    import numpy as np
+
+    from .checkpoints import read_text_file
+    from .evaluate import default_eval_tokens
+
     if args.eval_text:
-        ids = model.tokenizer.encode(args.eval_text.read_text(encoding="utf-8"), bos=False)
+        ids = model.tokenizer.encode(read_text_file(args.eval_text, "--eval-text"), bos=False)
         if not ids:
             raise UserError(f"--eval-text {args.eval_text} is empty")
         tokens = np.asarray(ids[: args.eval_tokens])
-        text_desc = f"{args.eval_text} (first {len(tokens)} tokens)"
-    else:
-        tokens = default_eval_tokens(model, args.eval_tokens, seed=args.seed)
-        text_desc = f"{len(tokens)} tokens sampled from the unmodified model (seed {args.seed})"
+        return tokens, f"{args.eval_text} (first {len(tokens)} tokens)"
+    tokens = default_eval_tokens(model, args.eval_tokens, seed=args.seed)
+    return tokens, f"{len(tokens)} tokens sampled from the unmodified model (seed {args.seed})"
+
+
+def check_rank(args: argparse.Namespace, model, modes: list[str]) -> None:
+    """--rank beyond every group's component count would be reported as a
+    rank that never ran: refuse it before any work."""
+    from .surgery import max_components
+
+    if args.rank:
+        most = max(max_components(model.config, m, args.proj, args.layers_per_group)
+                   for m in modes)
+        if args.rank > most:
+            raise UserError(f"--rank {args.rank} exceeds the {most} components of the largest "
+                            "group of this model; expected at most that")
+
+
+def print_report(result: dict, rows: list[dict], summary: list[str], args) -> None:
+    print()
+    print(fmt_table(rows))
+    print("(KV cache: latent floats per token / dense cache; params: factored / dense "
+          "q,k,v of all layers; KL: nats per token vs the unmodified model)")
+    for line in summary:
+        print("summary:", line)
+    if args.max_new_tokens:
+        print(f"\nprompt: {result['prompt']!r}")
+        print(f"before: {result['sample_before']!r}")
+        for r in rows:
+            setting = f"var {r['var']:g}" if r["var"] is not None else f"rank {r['rank']}"
+            print(f"after ({r['mode']}, {setting}): {r['sample']!r}")
+
+
+def write_out(folder: Path, result: dict, rows: list[dict], curves: dict, title: str) -> None:
+    from .export import staging_dir, write_json
+    from .plots import save_all
+
+    with staging_dir(folder) as tmp:
+        write_json(tmp / "results.json", result)
+        (tmp / "results.csv").write_text(csv_text(rows))
+        save_all(tmp, rows, curves, title)
+
+
+def save_setting(model, args, mode: str, setting: tuple[str, Any], fits: dict) -> None:
+    """Write the model surgered at one setting as a Hugging Face folder,
+    reusing the run's fits (nothing is decomposed again)."""
+    from .export import save_hf_folder
+    from .surgery import Surgery
+
+    kind, value = setting
+    s = Surgery(model, mode, proj=args.proj, center=args.center,
+                layers_per_group=args.layers_per_group, fits=fits).fit(keep=value)
+    s.apply(**{kind: value})
+    try:
+        save_hf_folder(model, args.save)
+    finally:
+        s.restore()
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    modes, settings = parse_plan(args)
+    check_inputs(args)
+
+    from tqdm import tqdm
+
+    from . import set_num_threads
+    from .evaluate import Evaluator
+    from .experiment import compare_at_equal_budget, run
+    from .lookup import DEMO_MODEL_DIR
+
+    def progress(it, **kw):
+        return tqdm(it, file=sys.stderr, delay=1.0, leave=False, **kw)
+
+    if args.threads:
+        set_num_threads(args.threads)
+    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    model = load_model(args, say)
+    check_rank(args, model, modes)
+    n_ctx = min(512, model.n_ctx)
+    tokens, text_desc = eval_tokens(args, model)
     say(f"eval text: {text_desc}, windows of {n_ctx}")
     t0 = time.perf_counter()
     ev = Evaluator(model, tokens, n_ctx=n_ctx)
@@ -245,10 +364,11 @@ def _main(argv: list[str] | None) -> int:
                              temperature=args.temperature, seed=args.seed, chat=chat)
               if args.max_new_tokens else "")
 
+    fits: dict = {}  # shared by every mode, and by --save
     rows, curves = run(model, ev, modes, settings, proj=args.proj, center=args.center,
                        layers_per_group=args.layers_per_group, prompt=prompt,
                        max_new_tokens=args.max_new_tokens, chat=chat, seed=args.seed,
-                       temperature=args.temperature, progress=progress)
+                       temperature=args.temperature, progress=progress, fits=fits)
     summary = []
     if len(modes) > 1:
         summary = compare_at_equal_budget(rows, "kv_ratio") + compare_at_equal_budget(rows, "params_ratio")
@@ -260,38 +380,13 @@ def _main(argv: list[str] | None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print()
-        print(fmt_table(rows))
-        print("(KV cache: latent floats per token / dense cache; params: factored / dense "
-              "q,k,v of all layers; KL: nats per token vs the unmodified model)")
-        for line in summary:
-            print("summary:", line)
-        if args.max_new_tokens:
-            print(f"\nprompt: {prompt!r}")
-            print(f"before: {before!r}")
-            for r in rows:
-                setting = f"var {r['var']:g}" if r["var"] is not None else f"rank {r['rank']}"
-                print(f"after ({r['mode']}, {setting}): {r['sample']!r}")
+        print_report(result, rows, summary, args)
     if args.out:
-        from .export import staging_dir, write_json
-        from .plots import save_all
-
-        title = f"{Path(model.source).name} — eval: {text_desc}"
-        with staging_dir(args.out) as tmp:
-            write_json(tmp / "results.json", result)
-            (tmp / "results.csv").write_text(csv_text(rows))
-            save_all(tmp, rows, curves, title)
+        write_out(args.out, result, rows, curves,
+                  f"{Path(model.source).name} — eval: {text_desc}")
         say(f"wrote {args.out}/results.json, results.csv and plots")
     if args.save:
-        from .export import save_hf_folder
-        from .surgery import Surgery
-
-        s = Surgery(model, modes[0], proj=args.proj, center=args.center,
-                    layers_per_group=args.layers_per_group).fit()
-        kind, value = settings[0]
-        s.apply(**{kind: value})
-        save_hf_folder(model, args.save)
-        s.restore()
+        save_setting(model, args, modes[0], settings[0], fits)
         say(f"wrote the surgered model to {args.save}")
     return 0
 

@@ -12,6 +12,7 @@ row permutation of Wq or Wk does not change a PCA over their rows.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -40,6 +41,7 @@ def load_llama2c(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, np.nda
     (ignored). RMSNorm eps 1e-5, RoPE theta 10000 (run.c's constants).
     """
     path = Path(path)
+    check_regular_file(path, "llama2.c checkpoint")
     size = path.stat().st_size
     if size < 28:
         raise ValueError(f"{path} is {size} bytes, too short for a llama2.c header (28)")
@@ -110,6 +112,52 @@ def load_llama2c(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, np.nda
     return config, w
 
 
+# ------------------------------------------------------------ files and JSON
+
+def check_regular_file(path: Path, what: str = "file") -> None:
+    """FileNotFoundError / ValueError unless `path` is (or links to) a
+    regular file: a FIFO or device would block or never end."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except OSError as e:
+        raise ValueError(f"{what} {path} cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise ValueError(f"{what} {path} is {kind}; expected a regular file")
+
+
+def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
+    """The UTF-8 text of a regular file; ValueError naming it otherwise."""
+    path = Path(path)
+    check_regular_file(path, what)
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def read_json_object(path: str | os.PathLike, what: str = "file") -> dict:
+    """A JSON object (dict) from a UTF-8 file; one-line ValueError naming the
+    file when it is not UTF-8, not JSON, nested too deeply or not an object."""
+    import json
+
+    path = Path(path)
+    text = read_text_file(path, what)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{what} {path} is nested too deeply to be a config") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{what} {path} must hold a JSON object, got a {type(obj).__name__}")
+    return obj
+
+
 # ---------------------------------------------------------------- safetensors
 
 SAFETENSORS_DTYPES = {  # every dtype the format defines -> bytes per value
@@ -118,6 +166,7 @@ SAFETENSORS_DTYPES = {  # every dtype the format defines -> bytes per value
 }
 LOADABLE_DTYPES = ("F32", "F16", "BF16")
 MAX_HEADER = 100 * 2**20  # the reference implementation's limit
+MAX_DIM = 2**62  # a dimension NumPy can hold
 
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], int]:
@@ -132,6 +181,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], i
     import json
 
     path = Path(path)
+    check_regular_file(path, "safetensors file")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -147,6 +197,8 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], i
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: the safetensors header is nested too deeply") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: the safetensors header must be a JSON object")
     data_start = 8 + n
@@ -163,7 +215,8 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], i
         if dt not in SAFETENSORS_DTYPES:
             raise ValueError(f"{where} has unknown dtype {dt!r}")
         if not isinstance(shape, list) or not all(
-                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM
+                for d in shape):
             raise ValueError(f"{where} has an invalid shape {shape!r}")
         if (not isinstance(offs, list) or len(offs) != 2 or not all(
                 isinstance(o, int) and not isinstance(o, bool) for o in offs)):
@@ -174,7 +227,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], i
                 f"{where}: data_offsets [{begin}, {end}] lie outside the data section "
                 f"({data_len} bytes)"
             )
-        want = int(np.prod(shape, dtype=np.int64)) * SAFETENSORS_DTYPES[dt]
+        want = math.prod(shape) * SAFETENSORS_DTYPES[dt]  # exact, however large
         if end - begin != want:
             raise ValueError(
                 f"{where}: data_offsets span {end - begin} bytes but shape {shape} of {dt} "
@@ -214,7 +267,8 @@ def load_safetensors(
                 )
             start = data_start + e["begin"]
             nbytes = e["end"] - e["begin"]
-            out[name] = _C.to_float32(mm, start, nbytes, e["dtype"], e["shape"])
+            out[name] = _C.to_float32(mm, start, nbytes, e["dtype"], e["shape"],
+                                      f"{path}: tensor {name!r}")
             if hasattr(mm, "madvise") and nbytes:
                 page = mmap.PAGESIZE
                 lo = start - start % page
@@ -228,13 +282,15 @@ def config_from_hf(d: dict, where: str = "config.json") -> LlamaConfig:
     """LlamaConfig from a Hugging Face config.json dict (LlamaForCausalLM).
     Unsupported architectures and RoPE scalings are refused, not guessed."""
     arch = d.get("architectures") or []
-    if arch and "LlamaForCausalLM" not in arch:
+    if not isinstance(arch, list) or (arch and "LlamaForCausalLM" not in arch):
         raise ValueError(f"{where}: architecture {arch} is not supported (LlamaForCausalLM)")
     if d.get("model_type", "llama") != "llama":
         raise ValueError(f"{where}: model_type {d.get('model_type')!r} is not supported ('llama')")
     rope = d.get("rope_parameters") or {}
     scaling = d.get("rope_scaling")
     for s in (scaling, rope):
+        if s is not None and not isinstance(s, dict):
+            raise ValueError(f"{where}: rope parameters {s!r} must be a JSON object")
         kind = (s or {}).get("rope_type", (s or {}).get("type", "default"))
         if s and kind not in ("default", None):
             raise ValueError(f"{where}: rope scaling {s!r} is not supported (only default RoPE)")
@@ -252,48 +308,57 @@ def config_from_hf(d: dict, where: str = "config.json") -> LlamaConfig:
             num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
             vocab_size=d["vocab_size"],
             max_position_embeddings=d.get("max_position_embeddings", 2048),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta,
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
             head_dim=d.get("head_dim") or 0,
             bos_token_id=_first_id(d.get("bos_token_id"), 1),
             eos_token_id=_first_id(d.get("eos_token_id"), 2),
         )
     except KeyError as e:
         raise ValueError(f"{where} lacks {e.args[0]!r}") from None
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def _first_id(v, default: int) -> int:
     if isinstance(v, list):
         v = v[0] if v else None
-    return default if v is None else int(v)
+    return default if v is None else v
+
+
+def _shard_name(name: object, index: Path, tensor: str) -> str:
+    """A shard file name from an index: a relative path inside the folder
+    (no absolute paths, no '..'), as the Hugging Face writers make them."""
+    p = Path(name) if isinstance(name, str) and name else None
+    if p is None or p.is_absolute() or ".." in p.parts:
+        raise ValueError(f"{index}: tensor {tensor!r} maps to {name!r}; expected the name of "
+                         "a .safetensors file inside the model folder")
+    return str(p)
 
 
 def load_hf_folder(folder: str | os.PathLike) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
     """config.json plus model.safetensors, or the shards that
     model.safetensors.index.json lists; every tensor checked against the
     config's shapes."""
-    import json
-
     folder = Path(folder)
     cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
+    if not cfg_path.exists():
         raise FileNotFoundError(f"{folder} has no config.json")
-    try:
-        config = config_from_hf(json.loads(cfg_path.read_text()), str(cfg_path))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
+    config = config_from_hf(read_json_object(cfg_path, "config"), str(cfg_path))
     shapes = expected_shapes(config)
     needed = [n for n in shapes if not (n == "lm_head.weight" and config.tie_word_embeddings)]
     index = folder / "model.safetensors.index.json"
     single = folder / "model.safetensors"
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+    if index.exists():
+        weight_map = read_json_object(index, "index").get("weight_map", {})
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"index {index}: weight_map must be a JSON object")
         files: dict[str, list[str]] = {}
         for n in needed:
             if n not in weight_map:
                 raise ValueError(f"{index} does not list tensor {n!r}")
-            files.setdefault(weight_map[n], []).append(n)
-    elif single.is_file():
+            files.setdefault(_shard_name(weight_map[n], index, n), []).append(n)
+    elif single.exists():
         files = {"model.safetensors": needed}
     else:
         raise FileNotFoundError(f"{folder} has neither model.safetensors nor "

@@ -2,8 +2,17 @@
 layout they imply (names in the C kernel's order, shapes)."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+from numbers import Integral
 from typing import Any
+
+import numpy as np
+
+
+def _is_int(v: Any) -> bool:
+    """An integer that is not a bool (JSON's 16.0 and "16" are not ints)."""
+    return isinstance(v, Integral) and not isinstance(v, (bool, np.bool_))
 
 
 @dataclass(frozen=True)
@@ -35,8 +44,22 @@ class LlamaConfig:
                      "num_attention_heads", "num_key_value_heads", "vocab_size",
                      "max_position_embeddings"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            if not _is_int(v) or v <= 0:
                 raise ValueError(f"config {name} must be a positive int, got {v!r}")
+            object.__setattr__(self, name, int(v))
+        for name in ("head_dim", "bos_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 0:
+                raise ValueError(f"config {name} must be an int >= 0, got {v!r}")
+            object.__setattr__(self, name, int(v))
+        for name in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ValueError(f"config {name} must be a positive finite number, got {v!r}")
+            object.__setattr__(self, name, float(v))
+        if not isinstance(self.tie_word_embeddings, bool):  # "false" is not False
+            raise ValueError("config tie_word_embeddings must be true or false, got "
+                             f"{self.tie_word_embeddings!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"config num_attention_heads ({self.num_attention_heads}) must be a multiple "
@@ -51,8 +74,6 @@ class LlamaConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.head_dim % 2:
             raise ValueError(f"config head_dim must be even (RoPE pairs), got {self.head_dim}")
-        if not (self.rms_norm_eps > 0) or not (self.rope_theta > 0):
-            raise ValueError("config rms_norm_eps and rope_theta must be positive")
 
     @property
     def kv_dim(self) -> int:

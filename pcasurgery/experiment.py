@@ -37,16 +37,20 @@ def spectra(s: Surgery) -> dict[str, list[list[float]]]:
 
 def run(model: LlamaModel, evaluator: Evaluator, modes: Iterable[str],
         settings: list[tuple[str, float]], *, proj: str = "q,k,v", center: bool = True,
-        layers_per_group: int = 1, prompt: str | None = None, max_new_tokens: int = 0,
+        layers_per_group: int = 0, prompt: str | None = None, max_new_tokens: int = 0,
         chat: bool = False, seed: int = 0, temperature: float = 0.0,
-        progress: Callable[..., Any] | None = None) -> tuple[list[dict], dict[str, Any]]:
+        progress: Callable[..., Any] | None = None,
+        fits: dict | None = None) -> tuple[list[dict], dict[str, Any]]:
     """Apply every (kind, value) setting ("var", 0.3) / ("rank", 16) of every
     mode, evaluate each, restore the model in between. Returns (rows, curves):
-    a dict row per mode × setting and each mode's spectra by kind."""
+    a dict row per mode × setting and each mode's spectra by kind.
+
+    fits: a dict that keeps the decompositions (see :class:`Surgery`), for a
+    caller that applies a setting again afterwards (the CLI's --save)."""
     rows: list[dict] = []
     curves: dict[str, Any] = {}
     base = evaluator.base_quality
-    fits: dict = {}  # groups common to several modes (q_proj) are decomposed once
+    fits = {} if fits is None else fits  # groups common to several modes are decomposed once
     for mode in modes:
         s = Surgery(model, mode, proj=proj, center=center, layers_per_group=layers_per_group,
                     fits=fits)

@@ -64,6 +64,16 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
         raise ValueError(f"{what} {folder} is not writable ({e.strerror})") from None
 
 
+def check_empty_or_new(folder: str | os.PathLike, what: str) -> None:
+    """ValueError unless `folder` does not exist yet or is an empty folder: a
+    model folder must not keep stale files (an old
+    model.safetensors.index.json would shadow the new model.safetensors)."""
+    folder = Path(folder)
+    if folder.is_dir() and any(folder.iterdir()):
+        raise ValueError(f"{what} {folder} exists and is not empty; expected a new or empty "
+                         "folder (remove it or choose another)")
+
+
 def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
 
@@ -126,11 +136,13 @@ def hf_config(model: LlamaModel, dtype: str) -> dict[str, Any]:
 def save_hf_folder(model: LlamaModel, folder: str | os.PathLike, dtype: str = "F32") -> Path:
     """Write `model` (its current, possibly surgered, weights) as a Hugging
     Face folder that transformers and pcasurgery both load: config.json,
-    model.safetensors and the source folder's tokenizer files."""
+    model.safetensors and the source folder's tokenizer files. `folder` must
+    be new or empty: nothing stale can then shadow the new files."""
     if dtype not in ("F32", "BF16"):
         raise ValueError(f"dtype must be 'F32' or 'BF16', got {dtype!r}")
     folder = Path(folder)
     check_writable(folder, "--save folder")
+    check_empty_or_new(folder, "--save folder")
     tensors = {n: model.weights[n] for n in model.weights
                if not (n == "lm_head.weight" and model.config.tie_word_embeddings)}
     with staging_dir(folder) as tmp:

@@ -47,11 +47,13 @@ class Group:
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # name -> scores, on first use
 
 
-def plan(config: Any, mode: str = "shared-kv", proj: Iterable[str] = PROJS,
-         layers_per_group: int = 1) -> list[Group]:
+def plan(config: Any, mode: str = "shared-kv", proj: str | Iterable[str] = PROJS,
+         layers_per_group: int = 0) -> list[Group]:
     """The groups of a surgery plan for a model with `config`."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if isinstance(proj, str):
+        proj = [p.strip() for p in proj.split(",") if p.strip()]
     proj = list(dict.fromkeys(proj))
     bad = [p for p in proj if p not in PROJS]
     if bad or not proj:
@@ -80,6 +82,17 @@ def plan(config: Any, mode: str = "shared-kv", proj: Iterable[str] = PROJS,
         names = [proj_name(i, p) for i in layers for p in ("k", "v")]
         groups.append(Group(label, "k|v", layers, names))
     return groups
+
+
+def max_components(config: Any, mode: str = "shared-kv", proj: str | Iterable[str] = PROJS,
+                   layers_per_group: int = 0) -> int:
+    """The most components any group of the plan has: min(rows stacked,
+    hidden_size). A rank beyond it runs nowhere."""
+    from .config import expected_shapes
+
+    shapes = expected_shapes(config)
+    return max(min(sum(shapes[n][0] for n in g.names), config.hidden_size)
+               for g in plan(config, mode, proj, layers_per_group))
 
 
 @dataclass
@@ -111,10 +124,8 @@ class Surgery:
     """
 
     def __init__(self, model: LlamaModel, mode: str = "shared-kv", proj: str | Iterable[str] = PROJS,
-                 center: bool = True, layers_per_group: int = 1,
+                 center: bool = True, layers_per_group: int = 0,
                  fits: dict | None = None) -> None:
-        if isinstance(proj, str):
-            proj = [p.strip() for p in proj.split(",") if p.strip()]
         self.model = model
         self.mode = mode
         self.center = True if mode == "seed" else bool(center)  # sklearn PCA centers
@@ -162,6 +173,10 @@ class Surgery:
             else:
                 if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
                     raise ValueError(f"rank must be a positive int, got {rank!r}")
+                most = max(h.pca.max_components_ for h in self.groups)
+                if rank > most:
+                    raise ValueError(f"rank {rank} exceeds the {most} components of the "
+                                     "largest group; expected at most that")
                 ks[g.label] = min(int(rank), g.pca.max_components_)
             if ks[g.label] > g.pca.n_components_:
                 raise ValueError(

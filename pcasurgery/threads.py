@@ -21,10 +21,17 @@ from . import _C
 
 
 def set_num_threads(n: int) -> None:
-    """Set the number of threads of pcasurgery's OpenBLAS (n >= 1)."""
+    """Set the number of threads of pcasurgery's OpenBLAS, 1 <= n <=
+    :func:`max_threads` (a ValueError beyond: OpenBLAS would silently run
+    fewer)."""
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"n must be an int thread count, got {type(n).__name__}")
     _C.set_num_threads(n)
+
+
+def max_threads() -> int:
+    """The most threads pcasurgery's OpenBLAS runs (its build's MAX_THREADS)."""
+    return int(_C.max_threads())
 
 
 def get_num_threads() -> int:

@@ -16,6 +16,20 @@ import numpy as np
 CHAT_SYSTEM = "You are a friendly chatbot."
 
 
+def check_text(text: object, what: str = "text") -> str:
+    """text itself if it is a str that UTF-8 can encode; a TypeError or a
+    ValueError naming the first lone surrogate otherwise (such strings come
+    from undecodable file names or command-line bytes)."""
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} has a lone surrogate U+{ord(text[e.start]):04X} at index "
+                         f"{e.start}; expected valid Unicode") from None
+    return text
+
+
 def encode_with_specials(tok, text: str, bos: bool, eos: bool, encode_part) -> list[int]:
     """Token ids of text in which the literal strings ``<s>`` and ``</s>``
     are BOS/EOS (as chat templates need); encode_part(part, after_special)
@@ -43,7 +57,11 @@ class Llama2cTokenizer:
     eos_id = 2
 
     def __init__(self, path: str | os.PathLike, vocab_size: int | None = None) -> None:
+        from .checkpoints import check_regular_file
+
         path = Path(path)
+        check_regular_file(path, "tokenizer")
+        self.path = path
         data = path.read_bytes()
         if len(data) < 4:
             raise ValueError(f"{path} is too short for a llama2.c tokenizer")
@@ -69,20 +87,26 @@ class Llama2cTokenizer:
 
     def encode(self, text: str, bos: bool = True, eos: bool = False,
                special: bool = False) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        check_text(text)
         if special:
             return encode_with_specials(self, text, bos, eos,
                                         lambda part, _: self.encode(part, bos=False))
         ids: list[int] = [self.bos_id] if bos else []
         toks: list[int] = []
         if text:
+            if b" " not in self._lookup:
+                raise ValueError(f"tokenizer {self.path} has no ' ' piece, which llama2.c's "
+                                 "encoding needs for the dummy-prefix space")
             toks.append(self._lookup[b" "])
         for ch in text:
             b = ch.encode("utf-8")
             if b in self._lookup:
                 toks.append(self._lookup[b])
             else:
+                if self.vocab_size < 259:
+                    raise ValueError(
+                        f"tokenizer {self.path} has no piece for {ch!r} and, with "
+                        f"{self.vocab_size} pieces, no <0x00>..<0xFF> byte fallback (ids 3-258)")
                 toks.extend(byte + 3 for byte in b)
         pieces, scores, lookup = self.pieces, self.scores, self._lookup
         while True:
@@ -132,10 +156,16 @@ class SentencePieceTokenizer:
     def __init__(self, path: str | os.PathLike) -> None:
         import sentencepiece as spm
 
+        from .checkpoints import check_regular_file
+
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer model {path} does not exist")
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        check_regular_file(path, "tokenizer model")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except Exception as e:  # sentencepiece raises RuntimeError, OSError, ...
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"tokenizer model {path} is not a valid SentencePiece model "
+                             f"({first})") from None
         self.vocab_size = int(self.sp.get_piece_size())
         self.bos_id = int(self.sp.bos_id())
         self.eos_id = int(self.sp.eos_id())
@@ -146,8 +176,7 @@ class SentencePieceTokenizer:
         and ``</s>`` into BOS/EOS (as chat templates need) and encodes the
         text after each without SentencePiece's dummy-prefix space, as
         transformers' non-legacy Llama tokenizer does."""
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        check_text(text)
         if special:
             return encode_with_specials(self, text, bos, eos, self._encode_part)
         return ([self.bos_id] if bos else []) + list(self.sp.encode(text)) + (
@@ -175,7 +204,14 @@ class HFTokenizer:
     def __init__(self, path: str | os.PathLike, bos_id: int = 1, eos_id: int = 2) -> None:
         from tokenizers import Tokenizer
 
-        self.tk = Tokenizer.from_file(str(path))
+        from .checkpoints import check_regular_file
+
+        check_regular_file(Path(path), "tokenizer")
+        try:
+            self.tk = Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises a bare Exception
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"tokenizer {path} is not a valid tokenizer.json ({first})") from None
         self.vocab_size = int(self.tk.get_vocab_size())
         self.bos_id, self.eos_id = bos_id, eos_id
 
@@ -183,8 +219,7 @@ class HFTokenizer:
                special: bool = False) -> list[int]:
         """special: the tokenizer.json's own special tokens (e.g. ``</s>``)
         are always recognised in text by the tokenizers library."""
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        check_text(text)
         ids = [i for i in self.tk.encode(text, add_special_tokens=False).ids]
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 

@@ -412,7 +412,7 @@ def test_threads():
     try:
         pcasurgery.set_num_threads(1)
         assert pcasurgery.get_num_threads() == 1
-        with pytest.raises(ValueError, match="n must be a positive thread count"):
+        with pytest.raises(ValueError, match="threads must be between 1 and"):
             pcasurgery.set_num_threads(0)
         with pytest.raises(TypeError, match="n must be an int"):
             pcasurgery.set_num_threads(1.5)
