@@ -26,8 +26,8 @@ from setuptools.command.build_ext import build_ext
 
 class always_build_ext(build_ext):
     """Rebuild every time: the build directory does not record which BLAS or
-    which sanitizer flags an old object was built with, and the core is
-    three small C files."""
+    which sanitizer flags an old object was built with, and the core is a
+    few small C files that build in seconds."""
 
     def finalize_options(self) -> None:
         super().finalize_options()

@@ -1172,7 +1172,8 @@ static PyModuleDef_Slot slots[] = {
 static struct PyModuleDef moduledef = {
     PyModuleDef_HEAD_INIT,
     .m_name = "pcasurgery._C",
-    .m_doc = "pcasurgery's C core: stacked PCA kernels (BLAS/LAPACKE).",
+    .m_doc = "pcasurgery's C core (OpenBLAS + LAPACKE): stacked PCA, the Llama forward "
+             "pass, checkpoint dtype conversion, BLAS threads.",
     .m_size = sizeof(module_state),
     .m_methods = methods,
     .m_slots = slots,

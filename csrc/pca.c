@@ -13,8 +13,6 @@
  * ~1e-7 of the largest (measured: 4e-3 relative error at 1e-6 of the total),
  * while the double route keeps ~1e-12. Components are returned as float32.
  */
-#define _GNU_SOURCE /* dladdr */
-#include <dlfcn.h>
 #include <float.h>
 #include <limits.h>
 #include <math.h>
@@ -25,33 +23,6 @@
 #include "pcasurgery.h"
 
 #define ROW_BLOCK 256
-
-const char *pcs_status_str(int status)
-{
-    switch (status) {
-    case PCS_OK: return "ok";
-    case PCS_ERR_NOMEM: return "out of memory";
-    case PCS_ERR_NONFINITE: return "input contains NaN or Inf";
-    case PCS_ERR_TOO_LARGE: return "matrix too large for 32-bit LAPACK/BLAS indices";
-    case PCS_ERR_NO_CONVERGE: return "the eigensolver did not converge";
-    case PCS_ERR_LAPACK_ARG: return "LAPACK rejected an argument (internal error)";
-    case PCS_ERR_ZERO_VARIANCE: return "the stacked matrix has zero total variance";
-    case PCS_ERR_ARG: return "invalid size or pointer argument";
-    default: return "unknown status";
-    }
-}
-
-void pcs_set_num_threads(int n) { pcs_openblas_set_num_threads(n); }
-int pcs_get_num_threads(void) { return pcs_openblas_get_num_threads(); }
-const char *pcs_blas_config(void) { return pcs_openblas_get_config(); }
-
-const char *pcs_blas_library(void)
-{
-    Dl_info info;
-    if (dladdr((void *)&pcs_openblas_get_num_threads, &info) && info.dli_fname)
-        return info.dli_fname;
-    return NULL;
-}
 
 static int fits_blas(size_t x) { return x <= (size_t)INT_MAX; }
 
@@ -379,12 +350,188 @@ static void svd_flip_rows(float *components, size_t r, size_t d)
     }
 }
 
+/* What every route of the fit shares. */
+typedef struct {
+    const PcsMatrix *mats;
+    size_t n_mats;
+    size_t n, d, r;     /* rows, columns, r = min(n, d) */
+    const double *mu;   /* (d) the mean subtracted (zeros when !center) */
+    int precision;
+    size_t keep_k;
+    double keep_var;
+} FitJob;
+
+/* eigvals (r) = the r largest of w (m, ascending), clipped at 0. */
+static void take_largest(double *eigvals, const double *w, size_t m, size_t r)
+{
+    for (size_t i = 0; i < r; i++) {
+        double lam = w[m - 1 - i];
+        eigvals[i] = lam > 0.0 ? lam : 0.0;
+    }
+}
+
+/* Gram route (n < d): G (n, n) = Xc Xc^T, its eigenvectors U (dsyevd in
+ * double, or ssyevd), then the components v_i = Xc^T u_i / sigma_i. Rows
+ * whose sigma_i is rounding noise are completed to an orthonormal basis. */
+static int fit_gram(float *components, double *eigvals, double *total, size_t *k_out,
+                    const FitJob *j)
+{
+    const size_t n = j->n, d = j->d, r = j->r;
+    int status = PCS_OK;
+    double *Xc = malloc(n * d * sizeof(double)); /* (n, d) centered stack */
+    double *G = malloc(n * n * sizeof(double));  /* (n, n) Gram; then eigenvectors */
+    double *w = malloc(n * sizeof(double));      /* (n) eigenvalues, ascending */
+    double *T = NULL;                            /* (k, d) U_k^T @ Xc */
+    double *colsq = NULL;                        /* (d) workspace of complete_basis */
+    if (!Xc || !G || !w) {
+        status = PCS_ERR_NOMEM;
+        goto done;
+    }
+    double ss = gather_centered(Xc, j->mats, j->n_mats, d, j->mu, 0, n);
+    *total = ss;
+    if (!(ss > 0.0)) {
+        status = PCS_ERR_ZERO_VARIANCE;
+        goto done;
+    }
+    pcs_cblas_dsyrk(PcsRowMajor, PcsLower, PcsNoTrans, (pcs_blasint)n, (pcs_blasint)d, 1.0, Xc,
+                    (pcs_blasint)d, 0.0, G, (pcs_blasint)n);
+    status = eigh(G, w, n, j->precision);
+    if (status)
+        goto done;
+    take_largest(eigvals, w, n, r);
+    const size_t k = choose_k(eigvals, r, ss, j->keep_k, j->keep_var);
+    *k_out = k;
+    /* T (k, d) = U_k^T (k, n) @ Xc (n, d), with U_k^T the last k rows of G
+     * (eigenvectors in ascending order). */
+    T = malloc(k * d * sizeof(double));
+    colsq = malloc(d * sizeof(double));
+    if (!T || !colsq) {
+        status = PCS_ERR_NOMEM;
+        goto done;
+    }
+    pcs_cblas_dgemm(PcsRowMajor, PcsNoTrans, PcsNoTrans, (pcs_blasint)k, (pcs_blasint)d,
+                    (pcs_blasint)n, 1.0, G + (n - k) * n, (pcs_blasint)n, Xc, (pcs_blasint)d,
+                    0.0, T, (pcs_blasint)d);
+    /* Below this the direction of Xc^T u_i is rounding noise. */
+    const double eps = j->precision == PCS_PRECISION_SINGLE ? FLT_EPSILON : DBL_EPSILON;
+    const double cutoff = eigvals[0] * eps * (double)(n > d ? n : d) * 4.0;
+    double *V = Xc; /* (k, d); Xc is no longer needed and k <= n */
+    size_t first_null = k;
+    for (size_t i = 0; i < k; i++) {
+        if (eigvals[i] <= cutoff) {
+            first_null = i;
+            break;
+        }
+        const double *t = T + (k - 1 - i) * d; /* (d) */
+        double inv = 1.0 / sqrt(eigvals[i]);
+        for (size_t c = 0; c < d; c++)
+            V[i * d + c] = t[c] * inv;
+    }
+    if (first_null < k)
+        complete_basis(V, colsq, first_null, k, d);
+    store_f32(components, V, k, d);
+done:
+    free(Xc);
+    free(G);
+    free(w);
+    free(T);
+    free(colsq);
+    return status;
+}
+
+/* G (d, d) = Xc^T Xc, summed over blocks of ROW_BLOCK centered rows (in
+ * double); *total = the sum of squares. */
+static int covariance(double *G, double *total, const FitJob *j)
+{
+    const size_t n = j->n, d = j->d, B = n < ROW_BLOCK ? n : ROW_BLOCK;
+    double *Xb = malloc(B * d * sizeof(double)); /* (B, d) */
+    if (!Xb)
+        return PCS_ERR_NOMEM;
+    double ss = 0.0;
+    for (size_t row0 = 0; row0 < n; row0 += ROW_BLOCK) {
+        size_t nb = n - row0 < ROW_BLOCK ? n - row0 : ROW_BLOCK;
+        ss += gather_centered(Xb, j->mats, j->n_mats, d, j->mu, row0, nb);
+        pcs_cblas_dsyrk(PcsRowMajor, PcsLower, PcsTrans, (pcs_blasint)d, (pcs_blasint)nb, 1.0,
+                        Xb, (pcs_blasint)d, row0 == 0 ? 0.0 : 1.0, G, (pcs_blasint)d);
+    }
+    free(Xb);
+    *total = ss;
+    return ss > 0.0 ? PCS_OK : PCS_ERR_ZERO_VARIANCE;
+}
+
+/* Covariance route in double: tridiagonalise once, every eigenvalue
+ * (dsterf), then the k leading eigenvectors only (see tridiag_eigvecs).
+ * With k known in advance and large, divide and conquer gives the
+ * eigenvalues and the vectors in one go. */
+static int fit_covariance_tridiag(float *components, double *eigvals, double *total,
+                                  size_t *k_out, const FitJob *j)
+{
+    const size_t d = j->d, r = j->r;
+    Tridiag tri = {0};
+    double *G = malloc(d * d * sizeof(double)); /* (d, d); then the reflectors */
+    double *w = malloc(d * sizeof(double));     /* (d) eigenvalues, ascending */
+    int status = !G || !w ? PCS_ERR_NOMEM : covariance(G, total, j);
+    if (status)
+        goto done;
+    status = tridiag_reduce(&tri, G, d);
+    if (status)
+        goto done;
+    int have_vecs = 0;
+    size_t k_known = j->keep_k == 0 || j->keep_k > r ? r : j->keep_k;
+    if (j->keep_var <= 0.0 && k_known * 5 >= d) { /* dstedc: values and vectors */
+        status = tridiag_eigvecs(components, w, &have_vecs, &tri, k_known);
+        if (!status && !have_vecs) /* cannot happen: k_known * 5 >= d picks dstedc */
+            status = tridiag_eigvals(&tri, w);
+    } else {
+        status = tridiag_eigvals(&tri, w);
+    }
+    if (status)
+        goto done;
+    take_largest(eigvals, w, d, r);
+    const size_t k = choose_k(eigvals, r, *total, j->keep_k, j->keep_var);
+    *k_out = k;
+    if (!have_vecs) {
+        int unused = 0;
+        status = tridiag_eigvecs(components, NULL, &unused, &tri, k);
+    }
+done:
+    tridiag_free(&tri);
+    free(G);
+    free(w);
+    return status;
+}
+
+/* Covariance route in single precision: one dense ssyevd; the components
+ * are the eigenvectors, largest first. */
+static int fit_covariance_dense(float *components, double *eigvals, double *total,
+                                size_t *k_out, const FitJob *j)
+{
+    const size_t d = j->d, r = j->r;
+    double *G = malloc(d * d * sizeof(double)); /* (d, d); then eigenvectors */
+    double *w = malloc(d * sizeof(double));     /* (d) eigenvalues, ascending */
+    int status = !G || !w ? PCS_ERR_NOMEM : covariance(G, total, j);
+    if (!status)
+        status = eigh(G, w, d, j->precision);
+    if (!status) {
+        take_largest(eigvals, w, d, r);
+        const size_t k = choose_k(eigvals, r, *total, j->keep_k, j->keep_var);
+        *k_out = k;
+        for (size_t i = 0; i < k; i++) {
+            const double *g = G + (d - 1 - i) * d; /* (d) */
+            for (size_t c = 0; c < d; c++)
+                components[i * d + c] = (float)g[c];
+        }
+    }
+    free(G);
+    free(w);
+    return status;
+}
+
 int pcs_pca_fit(float *components, double *eigvals, float *mean, double *total,
                 size_t *k_out, const PcsMatrix *mats, size_t n_mats, size_t d,
                 int center, int precision, int solver, size_t keep_k,
                 double keep_var, PcsWhere *where)
 {
-    int status = PCS_OK;
     size_t n = 0;
     for (size_t m = 0; m < n_mats; m++)
         n += mats[m].rows;
@@ -393,154 +540,29 @@ int pcs_pca_fit(float *components, double *eigvals, float *mean, double *total,
     /* eigenproblem of X X^T (n, n) instead of X^T X (d, d)? */
     const int gram = solver == PCS_SOLVER_GRAM || (solver == PCS_SOLVER_AUTO && n < d);
     const size_t m_eig = gram ? n : d;
-    const size_t r = n < d ? n : d;
-    /* Covariance route in double: the tridiagonal path. Otherwise a dense
-     * eigensolve whose eigenvectors overwrite G's rows. */
-    const int tridiag = !gram && precision == PCS_PRECISION_DOUBLE;
     if (!fits_blas(n) || !fits_blas(d) || !fits_blas(n * d) || m_eig > 40000)
         return PCS_ERR_TOO_LARGE; /* 40000: dsyevd's integer workspace 2m^2 */
-
-    double *mu = NULL;    /* (d) column mean, double */
-    double *G = NULL;     /* (m, m) Gram or covariance; then eigenvectors */
-    double *w = NULL;     /* (m) eigenvalues, ascending */
-    double *Xc = NULL;    /* Gram: (n, d) centered stack; covariance: (B, d) */
-    double *T = NULL;     /* Gram: (k, d) eigenvectors^T @ Xc */
-    double *colsq = NULL; /* (d) workspace of complete_basis */
-    Tridiag tri = {0};
-    const size_t xrows = gram ? n : (n < ROW_BLOCK ? n : ROW_BLOCK);
-
-    mu = calloc(d, sizeof(double));
-    G = malloc(m_eig * m_eig * sizeof(double));
-    w = malloc(m_eig * sizeof(double));
-    Xc = malloc(xrows * d * sizeof(double));
-    if (!mu || !G || !w || !Xc) {
-        status = PCS_ERR_NOMEM;
-        goto done;
+    double *mu = calloc(d, sizeof(double)); /* (d) column mean, double */
+    if (!mu)
+        return PCS_ERR_NOMEM;
+    int status = stack_mean(mu, mats, n_mats, d, n, where);
+    if (!status) {
+        if (!center)
+            memset(mu, 0, d * sizeof(double));
+        FitJob job = {mats, n_mats, n, d, n < d ? n : d, mu, precision, keep_k, keep_var};
+        if (gram)
+            status = fit_gram(components, eigvals, total, k_out, &job);
+        else if (precision == PCS_PRECISION_DOUBLE)
+            status = fit_covariance_tridiag(components, eigvals, total, k_out, &job);
+        else
+            status = fit_covariance_dense(components, eigvals, total, k_out, &job);
     }
-
-    status = stack_mean(mu, mats, n_mats, d, n, where);
-    if (status)
-        goto done;
-    if (!center)
-        memset(mu, 0, d * sizeof(double));
-
-    double ss = 0.0;
-    if (gram) {
-        /* G (n, n) = Xc Xc^T */
-        ss = gather_centered(Xc, mats, n_mats, d, mu, 0, n);
-        pcs_cblas_dsyrk(PcsRowMajor, PcsLower, PcsNoTrans, (pcs_blasint)n,
-                        (pcs_blasint)d, 1.0, Xc, (pcs_blasint)d, 0.0, G,
-                        (pcs_blasint)n);
-    } else {
-        /* G (d, d) = sum over row blocks of Xb^T Xb, Xb (B, d) */
-        for (size_t row0 = 0; row0 < n; row0 += ROW_BLOCK) {
-            size_t nb = n - row0 < ROW_BLOCK ? n - row0 : ROW_BLOCK;
-            ss += gather_centered(Xc, mats, n_mats, d, mu, row0, nb);
-            pcs_cblas_dsyrk(PcsRowMajor, PcsLower, PcsTrans, (pcs_blasint)d,
-                            (pcs_blasint)nb, 1.0, Xc, (pcs_blasint)d,
-                            row0 == 0 ? 0.0 : 1.0, G, (pcs_blasint)d);
-        }
+    if (!status) {
+        svd_flip_rows(components, *k_out, d);
+        for (size_t c = 0; c < d; c++)
+            mean[c] = (float)mu[c];
     }
-    *total = ss;
-    if (!(ss > 0.0)) {
-        status = PCS_ERR_ZERO_VARIANCE;
-        goto done;
-    }
-
-    /* 1. every eigenvalue, then k; on the tridiagonal path with k known in
-     * advance and large, divide and conquer gives both at once (step 2). */
-    int have_vecs = 0;
-    if (tridiag) {
-        status = tridiag_reduce(&tri, G, m_eig);
-        if (status)
-            goto done;
-        if (keep_var <= 0.0) {
-            size_t k_known = keep_k == 0 || keep_k > r ? r : keep_k;
-            if (k_known * 5 >= m_eig) {
-                int got_w = 0;
-                status = tridiag_eigvecs(components, w, &got_w, &tri, k_known);
-                if (status)
-                    goto done;
-                have_vecs = got_w;
-                if (!got_w) /* cannot happen: k_known * 5 >= m picks dstedc */
-                    status = tridiag_eigvals(&tri, w);
-            } else {
-                status = tridiag_eigvals(&tri, w);
-            }
-        } else {
-            status = tridiag_eigvals(&tri, w);
-        }
-    } else {
-        status = eigh(G, w, m_eig, precision);
-    }
-    if (status)
-        goto done;
-    for (size_t i = 0; i < r; i++) { /* the r largest of the m_eig */
-        double lam = w[m_eig - 1 - i];
-        eigvals[i] = lam > 0.0 ? lam : 0.0;
-    }
-    const size_t k = choose_k(eigvals, r, ss, keep_k, keep_var);
-    *k_out = k;
-
-    /* 2. the k leading components */
-    if (tridiag) {
-        if (!have_vecs) {
-            int got_w = 0;
-            status = tridiag_eigvecs(components, NULL, &got_w, &tri, k);
-            if (status)
-                goto done;
-        }
-    } else if (gram) {
-        /* Right singular vectors from left ones: v_i = Xc^T u_i / sigma_i.
-         * T (k, d) = U_k^T (k, n) @ Xc (n, d), with U_k^T the last k rows of
-         * G (eigenvectors in ascending order). */
-        T = malloc(k * d * sizeof(double));
-        colsq = malloc(d * sizeof(double));
-        if (!T || !colsq) {
-            status = PCS_ERR_NOMEM;
-            goto done;
-        }
-        pcs_cblas_dgemm(PcsRowMajor, PcsNoTrans, PcsNoTrans, (pcs_blasint)k,
-                        (pcs_blasint)d, (pcs_blasint)n, 1.0, G + (m_eig - k) * m_eig,
-                        (pcs_blasint)n, Xc, (pcs_blasint)d, 0.0, T, (pcs_blasint)d);
-        /* Below this the direction of Xc^T u_i is rounding noise. */
-        const double eps = precision == PCS_PRECISION_SINGLE ? FLT_EPSILON : DBL_EPSILON;
-        const double cutoff = eigvals[0] * eps * (double)(n > d ? n : d) * 4.0;
-        double *V = Xc; /* (k, d); Xc is no longer needed and k <= n */
-        size_t first_null = k;
-        for (size_t i = 0; i < k; i++) {
-            if (eigvals[i] <= cutoff) {
-                first_null = i;
-                break;
-            }
-            const double *t = T + (k - 1 - i) * d; /* (d) */
-            double inv = 1.0 / sqrt(eigvals[i]);
-            for (size_t j = 0; j < d; j++)
-                V[i * d + j] = t[j] * inv;
-        }
-        if (first_null < k)
-            complete_basis(V, colsq, first_null, k, d);
-        store_f32(components, V, k, d);
-    } else {
-        /* Eigenvectors of the covariance are the axes; reverse the order. */
-        for (size_t i = 0; i < k; i++) {
-            const double *g = G + (m_eig - 1 - i) * m_eig; /* (d) */
-            for (size_t j = 0; j < d; j++)
-                components[i * d + j] = (float)g[j];
-        }
-    }
-    svd_flip_rows(components, k, d);
-    for (size_t j = 0; j < d; j++)
-        mean[j] = (float)mu[j];
-
-done:
-    tridiag_free(&tri);
     free(mu);
-    free(G);
-    free(w);
-    free(Xc);
-    free(T);
-    free(colsq);
     return status;
 }
 

@@ -1,8 +1,9 @@
 /* pcasurgery.h: status codes, structs and prototypes shared by the C core.
  *
- * The kernels in pca.c (and later llama.c) know nothing about Python: plain
- * pointers, size_t sizes, outputs first, inputs const. module.c is the only
- * file that includes Python.h and the NumPy headers.
+ * The kernels (pca.c: stacked PCA; llama.c: the forward pass; convert.c:
+ * checkpoint dtypes; core.c: status strings and BLAS threads) know nothing
+ * about Python: plain pointers, size_t sizes, outputs first, inputs const.
+ * module.c is the only file that includes Python.h and the NumPy headers.
  */
 #ifndef PCASURGERY_H
 #define PCASURGERY_H
@@ -160,7 +161,7 @@ enum { PCS_DTYPE_F32 = 0, PCS_DTYPE_F16 = 1, PCS_DTYPE_BF16 = 2 };
 int pcs_convert_to_f32(float *out, const void *src, size_t n, int dtype, int n_threads,
                        size_t *nonfinite_at);
 
-/* ---- threads (pca.c): our OpenBLAS's own pool */
+/* ---- threads (core.c): our OpenBLAS's own pool */
 void pcs_set_num_threads(int n);
 int pcs_get_num_threads(void);
 const char *pcs_blas_config(void);

@@ -1,12 +1,18 @@
 """pcasurgery: PCA surgery on the attention weights of Llama-family models.
 
 The numeric core is C (``pcasurgery._C``, OpenBLAS + LAPACKE); this package
-orchestrates. Public API so far:
+orchestrates. Public API:
 
 - :class:`StackedPCA`: scikit-learn-shaped PCA of row-stacked matrices.
-- :func:`set_num_threads`, :func:`get_num_threads`, :func:`blas_info`,
-  :func:`blas_library`:
-  pcasurgery's own OpenBLAS thread pool.
+- :class:`LlamaModel`, :class:`LlamaConfig`: a Llama-family decoder whose
+  forward pass runs in C (loading Hugging Face folders, model ids from the
+  local cache, llama2.c checkpoints and the embedded demo model).
+- :mod:`pcasurgery.surgery`, :mod:`pcasurgery.evaluate`,
+  :mod:`pcasurgery.experiment`: the surgery, its measurement, and the
+  experiments the CLI (``python -m pcasurgery``) runs.
+- :func:`set_num_threads`, :func:`get_num_threads`, :func:`max_threads`,
+  :func:`blas_info`, :func:`blas_library`: pcasurgery's own OpenBLAS thread
+  pool.
 """
 try:
     from . import _C
@@ -31,7 +37,9 @@ except ImportError as _e:  # pragma: no cover - depends on the install layout
 from .config import LlamaConfig  # noqa: E402
 from .model import LlamaModel  # noqa: E402
 from .pca import StackedPCA  # noqa: E402
-from .threads import blas_info, blas_library, get_num_threads, set_num_threads  # noqa: E402
+from .threads import (  # noqa: E402
+    blas_info, blas_library, get_num_threads, max_threads, set_num_threads,
+)
 
 __version__ = "0.1.0"
 
@@ -41,6 +49,7 @@ __all__ = [
     "StackedPCA",
     "set_num_threads",
     "get_num_threads",
+    "max_threads",
     "blas_info",
     "blas_library",
     "__version__",

@@ -223,4 +223,12 @@ def test_tokenizer_json_folder(tmp_path, checkpoints):
     model = LlamaModel.from_pretrained(m)
     ids = model.tokenizer.encode("the cat ran")
     assert ids[0] == 1 and model.tokenizer.decode(ids) == "the cat ran"
-    assert isinstance(model.generate("the cat", max_new_tokens=5), str)
+    # greedy text equals transformers' greedy continuation, decoded by the tokenizers library
+    _, ref = checkpoints["gqa8", "f32", False]
+    prompt = model.tokenizer.encode("the cat")
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert model.generate_ids("the cat", max_new_tokens=5) == want
+    want_text = tk.decode([i for i in want if i < 300], skip_special_tokens=True)
+    assert model.generate("the cat", max_new_tokens=5) == want_text

@@ -49,6 +49,13 @@ def test_plans_group_what_they_say(model):
         plan(c, "separate", proj=["o"])
     with pytest.raises(ValueError, match="layers_per_group must be an int >= 0"):
         plan(c, "shared-kv-xlayer", layers_per_group=-1)
+    # the default is 0 (all layers) everywhere, as in the CLI: a Surgery in
+    # shared-kv-xlayer mode is not silently shared-kv
+    from pcasurgery.surgery import Surgery
+    kv = [x for x in Surgery(model, "shared-kv-xlayer").groups if x.kind == "k|v"]
+    assert len(kv) == 1 and kv[0].layers == list(range(c.num_hidden_layers))
+    assert [x.label for x in plan(c, "shared-kv-xlayer")] == [
+        x.label for x in plan(c, "shared-kv-xlayer", layers_per_group=0)]
 
 
 def test_full_variance_equals_base_and_restore_is_bit_identical(model, eval_tokens):
