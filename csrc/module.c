@@ -144,8 +144,10 @@ static PyObject *raise_status(PyObject *module, int status, const char *what)
 /* ------------------------------------------------------------------ pca_fit */
 
 PyDoc_STRVAR(pca_fit_doc,
-"pca_fit(matrices, names, center, precision, solver, keep_k, keep_var)\n"
-"    -> (components, eigvals, mean, total)\n"
+"pca_fit($module, matrices, names, center, precision, solver, keep_k, keep_var, /)\n"
+"--\n"
+"\n"
+"-> (components, eigvals, mean, total)\n"
 "\n"
 "Fit a PCA on the row-stack of `matrices` (a sequence of 2-D arrays with the\n"
 "same number of columns d). `names` (a sequence of str, same length) names\n"
@@ -361,7 +363,8 @@ static int check_out(PyObject *obj, size_t rows, size_t cols, matview *v)
 /* ------------------------------------------------------------ pca_project */
 
 PyDoc_STRVAR(pca_project_doc,
-"pca_project(X, mean, components, k, name='X') -> Z\n"
+"pca_project($module, X, mean, components, k, name='X', /)\n"
+"--\n"
 "\n"
 "Z (n, k) float32 = (X (n, d) - mean (d)) @ components[:k].T. `name` names X\n"
 "in error messages (NaN/Inf in X is reported with its position).");
@@ -427,7 +430,8 @@ done:
 /* -------------------------------------------------------- pca_reconstruct */
 
 PyDoc_STRVAR(pca_reconstruct_doc,
-"pca_reconstruct(Z, components, mean, out=None) -> Xhat\n"
+"pca_reconstruct($module, Z, components, mean, out=None)\n"
+"--\n"
 "\n"
 "With mean (d,): Xhat (n, d) = Z (n, k) @ components[:k] + mean, written to\n"
 "out if given. With mean=None: out += Z @ components[:k] (out required), which\n"
@@ -872,7 +876,8 @@ static int runtime_ready(LlamaRuntime *self)
 }
 
 PyDoc_STRVAR(runtime_forward_doc,
-"forward(tokens, pos, all_logits=True) -> logits\n"
+"forward($self, /, tokens, pos, all_logits=True)\n"
+"--\n"
 "\n"
 "Run tokens (1-D ints) at positions pos..pos+T-1 (pos <= n_cached; the cache\n"
 "beyond pos is overwritten). Returns float32 logits (T, V), or (1, V) for\n"
@@ -965,7 +970,10 @@ static PyObject *runtime_forward(LlamaRuntime *self, PyObject *args, PyObject *k
 }
 
 PyDoc_STRVAR(runtime_set_weight_doc,
-"set_weight(index, array): point weight `index` at another array of the same\n"
+"set_weight($self, index, array, /)\n"
+"--\n"
+"\n"
+"Point weight `index` at another array of the same\n"
 "shape (float32, C-contiguous). The runtime keeps a reference to it. The KV\n"
 "cache is not cleared: call reset() before running a new sequence.");
 
@@ -1017,7 +1025,7 @@ static PyMethodDef runtime_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))runtime_forward, METH_VARARGS | METH_KEYWORDS,
      runtime_forward_doc},
     {"set_weight", (PyCFunction)runtime_set_weight, METH_VARARGS, runtime_set_weight_doc},
-    {"reset", (PyCFunction)runtime_reset, METH_NOARGS, "reset(): forget the KV cache."},
+    {"reset", (PyCFunction)runtime_reset, METH_NOARGS, "reset($self, /)\n--\n\nForget the KV cache."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1028,8 +1036,9 @@ static PyGetSetDef runtime_getset[] = {
 };
 
 static PyType_Slot runtime_slots[] = {
-    {Py_tp_doc, "LlamaRuntime(config, arrays, names, max_batch=512): the C forward pass\n"
-                "over weight arrays owned by Python (see pcasurgery.model)."},
+    {Py_tp_doc, "LlamaRuntime(config, arrays, names, max_batch=512)\n--\n\n"
+                "The C forward pass over weight arrays owned by Python (see\n"
+                "pcasurgery.model)."},
     {Py_tp_new, PyType_GenericNew},
     {Py_tp_init, runtime_init},
     {Py_tp_dealloc, runtime_dealloc},
@@ -1113,15 +1122,15 @@ static PyMethodDef methods[] = {
      METH_VARARGS | METH_KEYWORDS, pca_reconstruct_doc},
     {"to_float32", to_float32, METH_VARARGS, to_float32_doc},
     {"set_num_threads", set_num_threads, METH_O,
-     "set_num_threads(n): threads of pcasurgery's own OpenBLAS."},
+     "set_num_threads($module, n, /)\n--\n\nThreads of pcasurgery's own OpenBLAS."},
     {"max_threads", max_threads, METH_NOARGS,
      "max_threads($module, /)\n--\n\nThe most threads pcasurgery's OpenBLAS runs (its MAX_THREADS)."},
     {"get_num_threads", get_num_threads, METH_NOARGS,
-     "get_num_threads() -> threads of pcasurgery's own OpenBLAS."},
+     "get_num_threads($module, /)\n--\n\nThreads of pcasurgery's own OpenBLAS."},
     {"blas_config", blas_config, METH_NOARGS,
-     "blas_config() -> the OpenBLAS build string (version, core, threads)."},
+     "blas_config($module, /)\n--\n\nThe OpenBLAS build string (version, core, threads)."},
     {"blas_library", blas_library, METH_NOARGS,
-     "blas_library() -> path of the shared library that provides our BLAS."},
+     "blas_library($module, /)\n--\n\nPath of the shared library that provides our BLAS."},
     {NULL, NULL, 0, NULL},
 };
 

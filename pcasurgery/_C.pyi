@@ -1,11 +1,24 @@
-"""Type stubs for pcasurgery._C, the C core (see csrc/module.c)."""
+"""Type stubs for pcasurgery._C, the C core (see csrc/module.c).
+
+Checked against the compiled module by ``python -m mypy.stubtest
+pcasurgery._C`` in CI: the C functions carry text signatures, so a stub
+that drifts from them fails.
+"""
 from collections.abc import Sequence
+from typing import final
 
 import numpy as np
 import numpy.typing as npt
 
 def pca_fit(
-    matrices: Sequence[npt.ArrayLike], names: Sequence[str], center: bool, precision: int, /
+    matrices: Sequence[npt.ArrayLike],
+    names: Sequence[str],
+    center: bool,
+    precision: int,
+    solver: int,
+    keep_k: int,
+    keep_var: float,
+    /,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float64], npt.NDArray[np.float32], float]: ...
 def pca_project(
     X: npt.ArrayLike, mean: npt.ArrayLike, components: npt.ArrayLike, k: int, name: str = "X", /
@@ -18,19 +31,34 @@ def pca_reconstruct(
 ) -> npt.NDArray[np.float32]: ...
 def set_num_threads(n: int, /) -> None: ...
 def get_num_threads() -> int: ...
+def max_threads() -> int: ...
 def blas_config() -> str: ...
 def blas_library() -> str | None: ...
 def to_float32(
-    buffer: object, offset: int, nbytes: int, dtype: str, shape: tuple[int, ...], /
+    buffer: object,
+    offset: int,
+    nbytes: int,
+    dtype: str,
+    shape: Sequence[int],
+    name: str = "tensor",
+    /,
 ) -> npt.NDArray[np.float32]: ...
 
+@final
 class LlamaRuntime:
-    n_cached: int
-    arrays: list[npt.NDArray[np.float32]]
+    @property
+    def n_cached(self) -> int: ...
+    @property
+    def arrays(self) -> list[npt.NDArray[np.float32]]: ...
     def __init__(
-        self, config: tuple, arrays: list[npt.NDArray[np.float32]], names: list[str],
+        self,
+        config: tuple[int, int, int, int, int, int, int, int, float, float],
+        arrays: list[npt.NDArray[np.float32]],
+        names: list[str],
         max_batch: int = 512,
     ) -> None: ...
-    def forward(self, tokens: npt.ArrayLike, pos: int, all_logits: bool = True) -> npt.NDArray[np.float32]: ...
+    def forward(
+        self, tokens: npt.ArrayLike, pos: int, all_logits: bool = True
+    ) -> npt.NDArray[np.float32]: ...
     def set_weight(self, index: int, array: npt.NDArray[np.float32], /) -> None: ...
     def reset(self) -> None: ...

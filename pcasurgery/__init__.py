@@ -15,7 +15,7 @@ orchestrates. Public API:
   pool.
 """
 try:
-    from . import _C
+    from . import _C  # noqa: F401  (loads the compiled core, or fails clearly)
 except ImportError as _e:  # pragma: no cover - depends on the install layout
     # _C finds libscipy_openblas.so through an rpath into the sibling
     # site-packages/scipy_openblas32; where that does not hold (an editable
@@ -23,7 +23,7 @@ except ImportError as _e:  # pragma: no cover - depends on the install layout
     try:
         import scipy_openblas32 as _scipy_openblas32  # noqa: F401
 
-        from . import _C
+        from . import _C  # noqa: F401
     except ImportError:
         import os as _os
 
@@ -38,7 +38,11 @@ from .config import LlamaConfig  # noqa: E402
 from .model import LlamaModel  # noqa: E402
 from .pca import StackedPCA  # noqa: E402
 from .threads import (  # noqa: E402
-    blas_info, blas_library, get_num_threads, max_threads, set_num_threads,
+    blas_info,
+    blas_library,
+    get_num_threads,
+    max_threads,
+    set_num_threads,
 )
 
 __version__ = "0.1.0"

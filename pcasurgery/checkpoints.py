@@ -21,6 +21,7 @@ import numpy as np
 from . import _C
 from .config import LlamaConfig, expected_shapes
 
+
 def interleaved_to_rotate_half(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Rows of a Meta/llama2.c/GGUF q or k projection (RoPE on pairs
     (2i, 2i+1) of each head) reordered for Hugging Face's rotate_half RoPE
@@ -205,13 +206,13 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], i
     data_len = size - data_start
     spans = []
     out: dict[str, dict] = {}
-    for name, e in header.items():
+    for name, entry in header.items():
         if name == "__metadata__":
             continue
         where = f"{path}: tensor {name!r}"
-        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             raise ValueError(f"{where} must have dtype, shape and data_offsets")
-        dt, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
+        dt, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
         if dt not in SAFETENSORS_DTYPES:
             raise ValueError(f"{where} has unknown dtype {dt!r}")
         if not isinstance(shape, list) or not all(

@@ -75,16 +75,14 @@ def resolve_model(path_or_id: str | os.PathLike) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        snapshot_download = None
-    if snapshot_download is not None:
+        reason = "huggingface_hub is not installed, so it cannot be downloaded"
+    else:
         try:
             return Path(snapshot_download(
                 s, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
         except Exception as e:  # offline, unknown id, gated model...
             first = (str(e).strip().splitlines() or [""])[0]
             reason = f"downloading it failed ({type(e).__name__}: {first})"
-    else:
-        reason = "huggingface_hub is not installed, so it cannot be downloaded"
     raise FileNotFoundError(
         f"model {s!r} is not in the Hugging Face cache ({hf_cache_dir()}) and {reason}. "
         f"Download it where there is a network (`huggingface-cli download {s}`) or pass "

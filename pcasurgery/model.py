@@ -17,9 +17,8 @@ import numpy as np
 
 from . import _C
 from .checkpoints import load_llama2c
-from .config import expected_shapes, weight_names
+from .config import LlamaConfig, expected_shapes, weight_names
 from .evaluate import log_softmax, window_kl_agree, window_nll
-from .config import LlamaConfig
 
 
 class WeightsView(Mapping):
@@ -141,16 +140,16 @@ class LlamaModel:
                                  f"only {config.vocab_size}")
             return cls(config, weights, tok, n_ctx=n_ctx, source=str(p))
         config, weights = load_llama2c(p)
-        tok = None
+        tok2c: Llama2cTokenizer | None = None
         cands = [Path(tokenizer)] if tokenizer else [
             p.with_name(f"tok{config.vocab_size}.bin"), p.with_name("tokenizer.bin")]
         for cand in cands:
             if cand.is_file():
-                tok = Llama2cTokenizer(cand, vocab_size=config.vocab_size)
+                tok2c = Llama2cTokenizer(cand, vocab_size=config.vocab_size)
                 break
-        if tokenizer and tok is None:
+        if tokenizer and tok2c is None:
             raise FileNotFoundError(f"tokenizer {tokenizer} does not exist")
-        return cls(config, weights, tok, n_ctx=n_ctx, source=str(p))
+        return cls(config, weights, tok2c, n_ctx=n_ctx, source=str(p))
 
     # ------------------------------------------------------------- weights
     @property

@@ -258,8 +258,9 @@ class StackedPCA:
                 for m, Z in zip(mats, Zs):
                     Zk = Z[:, :k] if Z is not None else np.zeros((np.shape(m)[0], 0), np.float32)
                     outs.append(_C.pca_reconstruct(Zk, C, self.mean_))
-            elif k > prev:  # add components prev..k in place
+            elif k > prev:  # add components prev..k in place (so kmax > 0: every Z is set)
                 for Z, out in zip(Zs, outs):
+                    assert Z is not None
                     _C.pca_reconstruct(Z[:, prev:k], C[prev:k], None, out=out)
             prev = k
             yield k, outs
@@ -309,12 +310,13 @@ class StackedPCA:
         if isinstance(k, bool) or not isinstance(k, Integral):
             raise TypeError(f"k must be an int, got {type(k).__name__}")
         lo = 0 if allow_zero else 1
+        k = int(k)
         if not lo <= k <= self.n_components_:
             hint = ("" if self.n_components_ == self.max_components_ else
                     f" (only {self.n_components_} of {self.max_components_} components were "
                     "kept; fit with n_components=None for all)")
             raise ValueError(f"k must be between {lo} and {self.n_components_}, got {k}{hint}")
-        return int(k)
+        return k
 
     def _check_finite_matrix(self, X: Any, name: str) -> np.ndarray:
         """X as an array; TypeError/ValueError naming it if it is not a finite

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import pcasurgery
-from pcasurgery import LlamaConfig, LlamaModel, _C
+from pcasurgery import _C, LlamaConfig, LlamaModel
 from pcasurgery.config import weight_names
 
 # --------------------------------------------------------------- helpers

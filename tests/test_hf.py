@@ -14,7 +14,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 from hf_fixtures import (  # noqa: E402
-    SMALL_CONFIGS, assert_logits_close, hf_logits, make_hf_model, save_hf, write_safetensors,
+    SMALL_CONFIGS,
+    assert_logits_close,
+    hf_logits,
+    make_hf_model,
+    save_hf,
+    write_safetensors,
 )
 from transformers import LlamaForCausalLM  # noqa: E402
 
@@ -210,7 +215,7 @@ def test_f16_and_bf16_tensors_widen_exactly(tmp_path):
 
 def test_tokenizer_json_folder(tmp_path, checkpoints):
     """A folder with tokenizer.json (no tokenizer.model) uses the tokenizers library."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     m = small_folder(tmp_path, checkpoints)
     tk = Tokenizer(models.BPE(unk_token="<unk>"))

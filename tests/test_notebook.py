@@ -1,7 +1,6 @@
 """The notebook executes, so it cannot rot."""
 from __future__ import annotations
 
-
 import pytest
 from conftest import ROOT
 
