@@ -327,6 +327,17 @@ def _first_id(v, default: int) -> int:
     return default if v is None else v
 
 
+def check_layer_count(config: LlamaConfig, n_tensors: int, where: object) -> None:
+    """ValueError when the checkpoint cannot hold the config's layers (9
+    tensors each, plus the embedding and the final norm): checked before
+    anything loops over the layers, so a config claiming 2**70 layers fails
+    at once."""
+    need = 9 * config.num_hidden_layers + 2
+    if n_tensors < need:
+        raise ValueError(f"config num_hidden_layers={config.num_hidden_layers} needs at least "
+                         f"{need} tensors but {where} holds {n_tensors}")
+
+
 def _shard_name(name: object, index: Path, tensor: str) -> str:
     """A shard file name from an index: a relative path inside the folder
     (no absolute paths, no '..'), as the Hugging Face writers make them."""
@@ -346,20 +357,24 @@ def load_hf_folder(folder: str | os.PathLike) -> tuple[LlamaConfig, dict[str, np
     if not cfg_path.exists():
         raise FileNotFoundError(f"{folder} has no config.json")
     config = config_from_hf(read_json_object(cfg_path, "config"), str(cfg_path))
-    shapes = expected_shapes(config)
-    needed = [n for n in shapes if not (n == "lm_head.weight" and config.tie_word_embeddings)]
     index = folder / "model.safetensors.index.json"
     single = folder / "model.safetensors"
     if index.exists():
         weight_map = read_json_object(index, "index").get("weight_map", {})
         if not isinstance(weight_map, dict):
             raise ValueError(f"index {index}: weight_map must be a JSON object")
+        check_layer_count(config, len(weight_map), index)
+        shapes = expected_shapes(config)
+        needed = [n for n in shapes if not (n == "lm_head.weight" and config.tie_word_embeddings)]
         files: dict[str, list[str]] = {}
         for n in needed:
             if n not in weight_map:
                 raise ValueError(f"{index} does not list tensor {n!r}")
             files.setdefault(_shard_name(weight_map[n], index, n), []).append(n)
     elif single.exists():
+        check_layer_count(config, len(read_safetensors_header(single)[0]), single)
+        shapes = expected_shapes(config)
+        needed = [n for n in shapes if not (n == "lm_head.weight" and config.tie_word_embeddings)]
         files = {"model.safetensors": needed}
     else:
         raise FileNotFoundError(f"{folder} has neither model.safetensors nor "

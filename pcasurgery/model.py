@@ -80,6 +80,9 @@ class LlamaModel:
         self.config = config
         self.tokenizer = tokenizer
         self.source = source
+        from .checkpoints import check_layer_count
+
+        check_layer_count(config, len(weights), "weights")
         shapes = expected_shapes(config)
         self._names = weight_names(config)
         self._weights: dict[str, np.ndarray] = {}

@@ -365,3 +365,25 @@ def test_ctrl_c_prints_one_line_exits_130_and_writes_nothing(tmp_path):
     assert err.strip().splitlines()[-1] == "pcasurgery: interrupted; nothing was written"
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("layers", [2**31, 2**70])
+def test_config_claiming_absurd_layer_counts_fails_at_once(demo_copy, layers):
+    """Found by tools/fuzz.py: num_hidden_layers=2**70 looped over every
+    claimed layer's tensor names (a hang); the checkpoint's tensor count
+    now bounds it before any loop."""
+    (demo_copy / "config.json").write_text(json.dumps(dict(DEMO_CONFIG,
+                                                           num_hidden_layers=layers)))
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=f"num_hidden_layers={layers} needs at least "
+                                         f"{9 * layers + 2} tensors but .* holds 75"):
+        load_hf_folder(demo_copy)
+    assert time.monotonic() - t0 < 5
+    from pcasurgery import LlamaConfig
+    c = LlamaConfig(**dict(TINY_KW, num_hidden_layers=layers))
+    with pytest.raises(ValueError, match="holds 0"):
+        LlamaModel(c, {})
+
+
+TINY_KW = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)

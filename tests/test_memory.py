@@ -54,3 +54,68 @@ def test_refcounts_and_rss_flat_over_1000_calls():
     # Fresh outputs are owned only by the caller.
     comps, eig, mean, _ = pcasurgery._C.pca_fit(mats, names, True, 0, 0, 0, 0.0)
     assert sys.getrefcount(comps) == 2 and sys.getrefcount(eig) == 2 and sys.getrefcount(mean) == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_runtime_and_conversion_flat_over_1000_calls():
+    """LlamaRuntime.forward / set_weight / reset and to_float32 (success and
+    error paths) neither leak references nor memory."""
+    from pcasurgery import LlamaConfig, LlamaModel
+    from pcasurgery.config import expected_shapes, weight_names
+
+    c = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                    max_position_embeddings=64)
+    rng = np.random.default_rng(1)
+    w = {n: (rng.standard_normal(s) * 0.3).astype(np.float32)
+         for n, s in expected_shapes(c).items()}
+    m = LlamaModel(c, w)
+    rt = m._rt
+    names = weight_names(c)
+    k_idx = names.index("model.layers.1.self_attn.k_proj.weight")
+    k_new = m.weights[names[k_idx]] * 0.5
+    k_old = m.weights[names[k_idx]]
+    tokens = np.arange(1, 33, dtype=np.int64)
+    bf16 = (rng.standard_normal(300_000).astype(np.float32).view(np.uint32) >> 16).astype(
+        np.uint16).tobytes()
+    bad = bytearray(bf16)
+    bad[-2:] = b"\xc0\x7f"  # a NaN at the end
+    bad = bytes(bad)
+
+    def cycle() -> None:
+        rt.reset()
+        rt.forward(tokens, 0, True)
+        rt.forward(np.array([5]), 32, False)
+        rt.set_weight(k_idx, k_new)
+        rt.set_weight(k_idx, k_old)
+        try:
+            rt.forward(np.array([500]), 0, True)  # outside the vocabulary
+        except ValueError:
+            pass
+        try:
+            rt.set_weight(k_idx, k_new[:, :3].copy())  # wrong shape
+        except ValueError:
+            pass
+        pcasurgery._C.to_float32(bf16, 0, len(bf16), "BF16", (len(bf16) // 2,), "t")
+        try:
+            pcasurgery._C.to_float32(bad, 0, len(bad), "BF16", (len(bad) // 2,), "t")
+        except ValueError:
+            pass
+
+    for _ in range(50):
+        cycle()
+    gc.collect()
+    watched = (k_new, k_old, tokens, bf16, bad, rt)
+    refs = [sys.getrefcount(x) for x in watched]
+    rss0 = rss_bytes()
+    for _ in range(1000):
+        cycle()
+    gc.collect()
+    assert [sys.getrefcount(x) for x in watched] == refs
+    # one cycle allocates ~1.3 MB (two converted 600 KB tensors, logits); a
+    # leak of the (32, 128) logits (16 KB) per cycle would add 16 MB over
+    # 1000 cycles, of a converted tensor 600 MB. Allow 4 MB.
+    if "libasan" not in os.environ.get("LD_PRELOAD", ""):
+        assert rss_bytes() - rss0 < 4 * 2**20
+    logits = rt.forward(tokens, 0, True)
+    assert sys.getrefcount(logits) == 2
