@@ -244,23 +244,25 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], i
 
 
 def load_safetensors(
-    path: str | os.PathLike, names: list[str] | None = None
+    path: str | os.PathLike, names: list[str] | None = None,
+    header: tuple[dict[str, dict], int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Tensors of a .safetensors file as float32 arrays (F32, F16 and BF16
     converted in C). The file is memory-mapped; the pages of each tensor are
-    released once it is converted, so the process holds one float32 copy."""
+    released once it is converted, so the process holds one float32 copy.
+    header: what :func:`read_safetensors_header` returned for it, if read."""
     import mmap
 
     path = Path(path)
-    header, data_start = read_safetensors_header(path)
-    wanted = header.keys() if names is None else names
+    entries, data_start = header if header is not None else read_safetensors_header(path)
+    wanted = entries.keys() if names is None else names
     out: dict[str, np.ndarray] = {}
-    if not header:
+    if not entries:
         return out
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         # one pass in file order (sequential reads), whatever order was asked
-        for name in sorted(wanted, key=lambda n: header[n]["begin"]):
-            e = header[name]
+        for name in sorted(wanted, key=lambda n: entries[n]["begin"]):
+            e = entries[name]
             if e["dtype"] not in LOADABLE_DTYPES:
                 raise ValueError(
                     f"{path}: tensor {name!r} has dtype {e['dtype']}; pcasurgery loads "
@@ -359,6 +361,7 @@ def load_hf_folder(folder: str | os.PathLike) -> tuple[LlamaConfig, dict[str, np
     config = config_from_hf(read_json_object(cfg_path, "config"), str(cfg_path))
     index = folder / "model.safetensors.index.json"
     single = folder / "model.safetensors"
+    headers: dict[Path, tuple[dict[str, dict], int]] = {}  # each file's header, read once
     if index.exists():
         weight_map = read_json_object(index, "index").get("weight_map", {})
         if not isinstance(weight_map, dict):
@@ -372,7 +375,8 @@ def load_hf_folder(folder: str | os.PathLike) -> tuple[LlamaConfig, dict[str, np
                 raise ValueError(f"{index} does not list tensor {n!r}")
             files.setdefault(_shard_name(weight_map[n], index, n), []).append(n)
     elif single.exists():
-        check_layer_count(config, len(read_safetensors_header(single)[0]), single)
+        headers[single] = read_safetensors_header(single)
+        check_layer_count(config, len(headers[single][0]), single)
         shapes = expected_shapes(config)
         needed = [n for n in shapes if not (n == "lm_head.weight" and config.tie_word_embeddings)]
         files = {"model.safetensors": needed}
@@ -382,7 +386,9 @@ def load_hf_folder(folder: str | os.PathLike) -> tuple[LlamaConfig, dict[str, np
     weights: dict[str, np.ndarray] = {}
     for fname, names in files.items():
         fpath = folder / fname
-        header, _ = read_safetensors_header(fpath)
+        if fpath not in headers:
+            headers[fpath] = read_safetensors_header(fpath)
+        header = headers[fpath][0]
         for n in names:
             if n not in header:
                 raise ValueError(f"{fpath} has no tensor {n!r}")
@@ -391,7 +397,7 @@ def load_hf_folder(folder: str | os.PathLike) -> tuple[LlamaConfig, dict[str, np
                     f"{fpath}: tensor {n!r} has shape {list(header[n]['shape'])} but "
                     f"config.json implies {list(shapes[n])}"
                 )
-        weights.update(load_safetensors(fpath, names))
+        weights.update(load_safetensors(fpath, names, headers[fpath]))
     if config.tie_word_embeddings:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     return config, weights

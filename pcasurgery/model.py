@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import _C
-from .checkpoints import load_llama2c
+from .checkpoints import check_layer_count, load_llama2c
 from .config import LlamaConfig, expected_shapes, weight_names
 from .evaluate import log_softmax, window_kl_agree, window_nll
 
@@ -80,8 +80,6 @@ class LlamaModel:
         self.config = config
         self.tokenizer = tokenizer
         self.source = source
-        from .checkpoints import check_layer_count
-
         check_layer_count(config, len(weights), "weights")
         shapes = expected_shapes(config)
         self._names = weight_names(config)
