@@ -190,25 +190,27 @@ class Surgery:
         originals are kept and :meth:`restore` puts them back)."""
         t0 = time.perf_counter()
         ks = self.ks_for(var, rank)
-        for g in self.groups:
-            k = ks[g.label]
-            # the reconstruction mean: dropped by the original code ("seed"), which
-            # rebuilt W as transform(W)[:, :k] @ components_[:k]
-            mean = np.zeros_like(g.pca.mean_) if self.mode == "seed" else g.pca.mean_
-            for n in g.names:
-                Z = g.scores.get(n)
-                if Z is None:  # scores at every kept rank, once: a setting is one product
-                    Z = g.scores[n] = g.pca.transform(self._originals[n])
-                R = _C.pca_reconstruct(Z[:, :k], g.pca.components_, mean)
-                self.model.set_weight(n, R, check_finite=False)
+        with self.model.lock:  # other threads see the model before or after, never halfway
+            for g in self.groups:
+                k = ks[g.label]
+                # the reconstruction mean: dropped by the original code ("seed"), which
+                # rebuilt W as transform(W)[:, :k] @ components_[:k]
+                mean = np.zeros_like(g.pca.mean_) if self.mode == "seed" else g.pca.mean_
+                for n in g.names:
+                    Z = g.scores.get(n)
+                    if Z is None:  # scores at every kept rank, once: a setting is one product
+                        Z = g.scores[n] = g.pca.transform(self._originals[n])
+                    R = _C.pca_reconstruct(Z[:, :k], g.pca.components_, mean)
+                    self.model.set_weight(n, R, check_finite=False)
         s = Setting(self.mode, var, rank, ks, time.perf_counter() - t0)
         s.budget = self.budget(ks)
         return s
 
     def restore(self) -> None:
         """Put the original arrays back (bit-identical: the same arrays)."""
-        for n, W in self._originals.items():
-            self.model.set_weight(n, W, check_finite=False)
+        with self.model.lock:
+            for n, W in self._originals.items():
+                self.model.set_weight(n, W, check_finite=False)
 
     # --------------------------------------------------------------- budget
     def budget(self, ks: dict[str, int]) -> dict[str, float]:
