@@ -92,7 +92,7 @@ def test_index_pointing_at_a_fifo_fails_at_once(demo_copy, tmp_path):
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-c", "import sys; from pcasurgery.checkpoints import "
                         "load_hf_folder; load_hf_folder(sys.argv[1])", str(demo_copy)],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)  # not the source tree
     assert r.returncode == 1 and time.monotonic() - t0 < 60
     assert "pipe.safetensors is not a regular file" in r.stderr.strip().splitlines()[-1]
     line = one_error_line(cli("--model", demo_copy))
