@@ -30,6 +30,12 @@ def check_text(text: object, what: str = "text") -> str:
     return text
 
 
+def _library_error(e: Exception) -> str:
+    """The first line of a tokenizer library's message (they raise bare
+    Exception, RuntimeError or OSError with long texts)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def encode_with_specials(tok, text: str, bos: bool, eos: bool, encode_part) -> list[int]:
     """Token ids of text in which the literal strings ``<s>`` and ``</s>``
     are BOS/EOS (as chat templates need); encode_part(part, after_special)
@@ -163,9 +169,8 @@ class SentencePieceTokenizer:
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except Exception as e:  # sentencepiece raises RuntimeError, OSError, ...
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ValueError(f"tokenizer model {path} is not a valid SentencePiece model "
-                             f"({first})") from None
+                             f"({_library_error(e)})") from None
         self.vocab_size = int(self.sp.get_piece_size())
         self.bos_id = int(self.sp.bos_id())
         self.eos_id = int(self.sp.eos_id())
@@ -207,11 +212,12 @@ class HFTokenizer:
         from .checkpoints import check_regular_file
 
         check_regular_file(Path(path), "tokenizer")
+        self.path = Path(path)
         try:
             self.tk = Tokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises a bare Exception
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ValueError(f"tokenizer {path} is not a valid tokenizer.json ({first})") from None
+            raise ValueError(f"tokenizer {path} is not a valid tokenizer.json "
+                             f"({_library_error(e)})") from None
         self.vocab_size = int(self.tk.get_vocab_size())
         self.bos_id, self.eos_id = bos_id, eos_id
 
@@ -220,7 +226,11 @@ class HFTokenizer:
         """special: the tokenizer.json's own special tokens (e.g. ``</s>``)
         are always recognised in text by the tokenizers library."""
         check_text(text)
-        ids = [i for i in self.tk.encode(text, add_special_tokens=False).ids]
+        try:  # a tokenizer.json that loads can still fail here (an unk token it lacks)
+            ids = list(self.tk.encode(text, add_special_tokens=False).ids)
+        except Exception as e:
+            raise ValueError(f"tokenizer {self.path} cannot encode the text "
+                             f"({_library_error(e)})") from None
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: list[int] | np.ndarray) -> str:
@@ -228,7 +238,11 @@ class HFTokenizer:
         for t in ids:
             if not 0 <= t < self.vocab_size:
                 raise ValueError(f"token id {t} is outside the vocabulary [0, {self.vocab_size})")
-        return self.tk.decode(ids, skip_special_tokens=True)
+        try:
+            return self.tk.decode(ids, skip_special_tokens=True)
+        except Exception as e:
+            raise ValueError(f"tokenizer {self.path} cannot decode the ids "
+                             f"({_library_error(e)})") from None
 
 
 def load_hf_tokenizer(path: str | os.PathLike) -> SentencePieceTokenizer | HFTokenizer | None:

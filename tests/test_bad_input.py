@@ -387,3 +387,26 @@ def test_config_claiming_absurd_layer_counts_fails_at_once(demo_copy, layers):
 
 TINY_KW = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+
+
+def test_tokenizer_json_whose_unk_token_is_missing(tmp_path):
+    """Found by tools/fuzz.py --atheris: a tokenizer.json whose unk_token
+    is not in its vocabulary loads, then the tokenizers library raised a
+    bare Exception at encode time."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from pcasurgery.tokenizers import HFTokenizer
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.train_from_iterator(["the cat sat"] * 10, trainers.BpeTrainer(
+        vocab_size=50, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    cfg = json.loads(tk.to_str())
+    cfg["model"]["unk_token"] = "<unk<"
+    p = tmp_path / "tokenizer.json"
+    p.write_text(json.dumps(cfg))
+    tok = HFTokenizer(p)
+    assert tok.encode("the cat", bos=False) == tk.encode("the cat").ids
+    with pytest.raises(ValueError, match=f"tokenizer {p} cannot encode the text "
+                                         r"\(Unk token `<unk<` not found in the vocabulary\)"):
+        tok.encode("the dog")
