@@ -116,7 +116,7 @@ static int convert_serial(uint32_t *out, const unsigned char *src, size_t n, int
 static size_t first_special(const uint32_t *out, size_t n)
 {
     size_t i = 0;
-    while (i < n && (out[i] & 0x7f800000u) != 0x7f800000u)
+    while (i < n && (out[i] & EXP32) != EXP32)
         i++;
     return i;
 }

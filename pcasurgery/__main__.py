@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pcasurgery: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("pcasurgery: interrupted; nothing was written", file=sys.stderr)
+        print("pcasurgery: interrupted", file=sys.stderr)
         return 130
     except (ValueError, KeyError, OSError) as e:
         if isinstance(e, KeyError) and e.args:

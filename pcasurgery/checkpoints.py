@@ -366,23 +366,22 @@ def load_hf_folder(folder: str | os.PathLike) -> tuple[LlamaConfig, dict[str, np
         weight_map = read_json_object(index, "index").get("weight_map", {})
         if not isinstance(weight_map, dict):
             raise ValueError(f"index {index}: weight_map must be a JSON object")
-        check_layer_count(config, len(weight_map), index)
-        shapes = expected_shapes(config)
-        needed = [n for n in shapes if not (n == "lm_head.weight" and config.tie_word_embeddings)]
-        files: dict[str, list[str]] = {}
+        listing, n_tensors = index, len(weight_map)
+    elif single.exists():
+        headers[single] = read_safetensors_header(single)
+        listing, n_tensors = single, len(headers[single][0])
+    else:
+        raise FileNotFoundError(f"{folder} has neither model.safetensors nor "
+                                "model.safetensors.index.json")
+    check_layer_count(config, n_tensors, listing)  # before anything loops over the layers
+    shapes = expected_shapes(config)
+    needed = [n for n in shapes if not (n == "lm_head.weight" and config.tie_word_embeddings)]
+    files: dict[str, list[str]] = {"model.safetensors": needed} if listing == single else {}
+    if listing == index:
         for n in needed:
             if n not in weight_map:
                 raise ValueError(f"{index} does not list tensor {n!r}")
             files.setdefault(_shard_name(weight_map[n], index, n), []).append(n)
-    elif single.exists():
-        headers[single] = read_safetensors_header(single)
-        check_layer_count(config, len(headers[single][0]), single)
-        shapes = expected_shapes(config)
-        needed = [n for n in shapes if not (n == "lm_head.weight" and config.tie_word_embeddings)]
-        files = {"model.safetensors": needed}
-    else:
-        raise FileNotFoundError(f"{folder} has neither model.safetensors nor "
-                                "model.safetensors.index.json")
     weights: dict[str, np.ndarray] = {}
     for fname, names in files.items():
         fpath = folder / fname

@@ -166,17 +166,18 @@ class Surgery:
         if (var is None) == (rank is None):
             raise ValueError("give exactly one of var (fraction of variance kept) and rank")
         self._check_fitted()
+        if rank is not None:
+            if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+                raise ValueError(f"rank must be a positive int, got {rank!r}")
+            most = max(g.pca.max_components_ for g in self.groups)
+            if rank > most:
+                raise ValueError(f"rank {rank} exceeds the {most} components of the "
+                                 "largest group; expected at most that")
         ks = {}
         for g in self.groups:
             if var is not None:
                 ks[g.label] = g.pca.n_components_for(var)
             else:
-                if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
-                    raise ValueError(f"rank must be a positive int, got {rank!r}")
-                most = max(h.pca.max_components_ for h in self.groups)
-                if rank > most:
-                    raise ValueError(f"rank {rank} exceeds the {most} components of the "
-                                     "largest group; expected at most that")
                 ks[g.label] = min(int(rank), g.pca.max_components_)
             if ks[g.label] > g.pca.n_components_:
                 raise ValueError(

@@ -136,10 +136,11 @@ def test_save_into_an_empty_folder_and_help_says_so(tmp_path):
     assert "new or empty" in " ".join(cli("--help").stdout.split())
 
 
-def test_save_reuses_the_runs_fits():
+def test_save_reuses_the_runs_fits(monkeypatch):
     """--save applies the setting again from the fits the run made."""
     import argparse
 
+    import pcasurgery.export as export
     from pcasurgery.__main__ import save_setting
     from pcasurgery.evaluate import Evaluator
     from pcasurgery.experiment import run
@@ -150,20 +151,15 @@ def test_save_reuses_the_runs_fits():
     run(m, ev, ["shared-kv"], [("var", 0.5)], fits=fits)
     n_fits = len(fits)
     args = argparse.Namespace(proj="q,k,v", center=True, layers_per_group=0, save=None)
+    k_name = "model.layers.0.self_attn.k_proj.weight"
     saved = []
-    import pcasurgery.export as export
-
-    orig = export.save_hf_folder
-    export.save_hf_folder = lambda model, folder: saved.append(
-        model.weights["model.layers.0.self_attn.k_proj.weight"].copy())
-    try:
-        before = m.weights["model.layers.0.self_attn.k_proj.weight"].copy()
-        save_setting(m, args, "shared-kv", ("var", 0.5), fits)
-    finally:
-        export.save_hf_folder = orig
+    monkeypatch.setattr(export, "save_hf_folder",
+                        lambda model, folder: saved.append(model.weights[k_name].copy()))
+    before = m.weights[k_name].copy()
+    save_setting(m, args, "shared-kv", ("var", 0.5), fits)
     assert len(fits) == n_fits  # nothing decomposed again
     assert not np.array_equal(saved[0], before)  # it saved surgered weights
-    np.testing.assert_array_equal(m.weights["model.layers.0.self_attn.k_proj.weight"], before)
+    np.testing.assert_array_equal(m.weights[k_name], before)  # and restored the model
 
 
 # ---------------------------------------------- 8. unclear errors made clear
@@ -362,7 +358,7 @@ def test_ctrl_c_prints_one_line_exits_130_and_writes_nothing(tmp_path):
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "pcasurgery: interrupted; nothing was written"
+    assert err.strip().splitlines()[-1] == "pcasurgery: interrupted"
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert list(tmp_path.iterdir()) == []
 
