@@ -33,6 +33,7 @@ enum { PcsUpper = 121, PcsLower = 122 };
 #define pcs_cblas_sgemv PCS_SYM(cblas_sgemv)
 #define pcs_cblas_dgemm PCS_SYM(cblas_dgemm)
 #define pcs_cblas_dsyrk PCS_SYM(cblas_dsyrk)
+#define pcs_cblas_ssyrk PCS_SYM(cblas_ssyrk)
 #define pcs_LAPACKE_dsyevd PCS_SYM(LAPACKE_dsyevd)
 #define pcs_LAPACKE_ssyevd PCS_SYM(LAPACKE_ssyevd)
 #define pcs_LAPACKE_dsytrd PCS_SYM(LAPACKE_dsytrd)
@@ -58,6 +59,9 @@ void pcs_cblas_dgemm(int order, int transa, int transb, pcs_blasint m,
 void pcs_cblas_dsyrk(int order, int uplo, int trans, pcs_blasint n,
                      pcs_blasint k, double alpha, const double *a,
                      pcs_blasint lda, double beta, double *c, pcs_blasint ldc);
+void pcs_cblas_ssyrk(int order, int uplo, int trans, pcs_blasint n,
+                     pcs_blasint k, float alpha, const float *a,
+                     pcs_blasint lda, float beta, float *c, pcs_blasint ldc);
 pcs_blasint pcs_LAPACKE_dsyevd(int layout, char jobz, char uplo, pcs_blasint n,
                                double *a, pcs_blasint lda, double *w);
 pcs_blasint pcs_LAPACKE_ssyevd(int layout, char jobz, char uplo, pcs_blasint n,

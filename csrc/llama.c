@@ -81,7 +81,9 @@ int pcs_llama_config_check(const PcsLlamaConfig *c, const char **what)
 
 /* Float counts of the state's buffers for B = max_batch tokens per chunk,
  * checked for overflow (the total in bytes too). */
-enum { N_STATE_BUFS = 10 };
+enum { N_STATE_BUFS = 11 };
+
+size_t pcs_llama_max_latent(const PcsLlamaConfig *c) { return 2 * c->n_kv_heads * c->head_dim + 2; }
 
 static int state_sizes(size_t n_floats[N_STATE_BUFS], size_t *total, const PcsLlamaConfig *c,
                        size_t B, const char **what)
@@ -97,7 +99,8 @@ static int state_sizes(size_t n_floats[N_STATE_BUFS], size_t *total, const PcsLl
               mul_ovf(B, F, &n_floats[4]) |                 /* hb */
               mul_ovf(B, F, &n_floats[5]) |                 /* hb2 */
               mul_ovf(S, half, &n_floats[6]) |              /* rope_cos */
-              mul_ovf(S, half, &n_floats[7]);               /* rope_sin */
+              mul_ovf(S, half, &n_floats[7]) |              /* rope_sin */
+              mul_ovf(B, 2 * Dkv + 2, &n_floats[10]);       /* lat */
     if (ovf) {
         *what = "max_batch * the activation width";
         return PCS_ERR_TOO_LARGE;
@@ -154,7 +157,8 @@ int pcs_llama_state_init(PcsLlamaState *s, const PcsLlamaConfig *c, size_t max_b
     s->rope_cos = p; p += n_floats[6];
     s->rope_sin = p; p += n_floats[7];
     s->k_cache = p;  p += n_floats[8];
-    s->v_cache = p;
+    s->v_cache = p;  p += n_floats[9];
+    s->lat = p;
     s->block = block;
     s->max_batch = B;
     s->n_cached = 0;
@@ -173,8 +177,41 @@ int pcs_llama_state_init(PcsLlamaState *s, const PcsLlamaConfig *c, size_t max_b
 
 void pcs_llama_state_free(PcsLlamaState *s)
 {
+    free(s->kq_cache);
+    free(s->att2);
     free(s->block);
     memset(s, 0, sizeof(*s));
+}
+
+int pcs_llama_set_quant(PcsLlamaState *s, const PcsLlamaConfig *c, const PcsKvQuant *q)
+{
+    const int bits[3] = {q->k_bits, q->v_bits, q->latent_bits};
+    for (int i = 0; i < 3; i++)
+        if (bits[i] < 0 || bits[i] > 8)
+            return PCS_ERR_ARG;
+    if (((q->k_bits || q->v_bits) && q->group == 0) || (q->latent_bits && q->latent_group == 0))
+        return PCS_ERR_ARG;
+    const int per_channel = q->k_bits && q->k_per_channel;
+    if (per_channel && !s->kq_cache) {
+        const size_t Dkv = c->n_kv_heads * c->head_dim;
+        /* sizes already checked by state_init: (L S Dkv) and (B S) fit */
+        float *kq = calloc(c->n_layers * c->seq_len * Dkv, sizeof(float));
+        float *att2 = calloc(s->max_batch * c->seq_len, sizeof(float));
+        if (!kq || !att2) {
+            free(kq);
+            free(att2);
+            return PCS_ERR_NOMEM;
+        }
+        s->kq_cache = kq;
+        s->att2 = att2;
+    } else if (!per_channel) {
+        free(s->kq_cache);
+        free(s->att2);
+        s->kq_cache = s->att2 = NULL;
+    }
+    s->quant = *q;
+    s->quant.k_per_channel = per_channel;
+    return PCS_OK;
 }
 
 /* ---------------------------------------------------------------- kernels */
@@ -250,6 +287,66 @@ static void softmax_causal(float *att, size_t T, size_t C, size_t P)
     }
 }
 
+/* sigma_l (D, D) += xb^T xb (upper triangle), sum_l (D) += the rows of xb (T, D). */
+static void calib_accumulate(PcsLlamaState *s, const float *xb, size_t T, size_t D, size_t l)
+{
+    float *tmp = s->calib_tmp; /* (D, D) */
+    pcs_cblas_ssyrk(PcsRowMajor, PcsUpper, PcsTrans, (pcs_blasint)D, (pcs_blasint)T, 1.0f, xb,
+                    (pcs_blasint)D, 0.0f, tmp, (pcs_blasint)D);
+    double *sg = s->calib_sigma + l * D * D, *sm = s->calib_sum + l * D;
+    for (size_t i = 0; i < D; i++)
+        for (size_t j = i; j < D; j++)
+            sg[i * D + j] += tmp[i * D + j];
+    for (size_t t = 0; t < T; t++)
+        for (size_t j = 0; j < D; j++)
+            sm[j] += xb[t * D + j];
+}
+
+/* K and V rows (T, Dkv) from the layer's latent(s): lat = xb down^T, the
+ * latent quantised as a cache would hold it, then K = lat up_k^T, V alike. */
+static void latent_kv_forward(float *kt, float *vt, PcsLlamaState *s, const PcsLlamaLayer *L,
+                              const float *xb, size_t T, size_t D, size_t Dkv)
+{
+    const size_t LW = 2 * Dkv + 2; /* row stride of s->lat */
+    const PcsKvQuant *Qz = &s->quant;
+    float *lk = s->lat, *lv = s->lat + L->k_rank; /* (T, rk), (T, rv) */
+    matmul_forward(lk, LW, xb, D, L->k_down, T, D, L->k_rank, 0.0f);
+    if (Qz->latent_bits)
+        pcs_fake_quant_rows(lk, T, L->k_rank, LW, Qz->latent_bits, Qz->latent_group);
+    if (L->v_down) {
+        matmul_forward(lv, LW, xb, D, L->v_down, T, D, L->v_rank, 0.0f);
+        if (Qz->latent_bits)
+            pcs_fake_quant_rows(lv, T, L->v_rank, LW, Qz->latent_bits, Qz->latent_group);
+    } else
+        lv = lk;
+    matmul_forward(kt, Dkv, lk, LW, L->k_up, T, L->k_rank, Dkv, 0.0f);
+    matmul_forward(vt, Dkv, lv, LW, L->v_up, T, L->v_down ? L->v_rank : L->k_rank, Dkv, 0.0f);
+}
+
+/* Per-channel K (KIVI): a query at position p sees the keys of complete
+ * groups before its own, [0, G floor(p / G)), as quantised (kq) and the
+ * rest exact. att (T, C) holds the exact scores; their first columns are
+ * replaced by the scores against kq (hd, row stride Dkv). */
+static void closed_groups_scores(float *att, float *att2, const float *qh, const float *kqh,
+                                 size_t T, size_t P, size_t C, size_t hd, size_t Dq, size_t Dkv,
+                                 float scale, size_t G)
+{
+    const size_t bmax = (P + T - 1) / G * G; /* the last row's boundary */
+    if (bmax == 0)
+        return;
+    if (T == 1)
+        pcs_cblas_sgemv(PcsRowMajor, PcsNoTrans, (pcs_blasint)bmax, (pcs_blasint)hd, scale, kqh,
+                        (pcs_blasint)Dkv, qh, 1, 0.0f, att2, 1);
+    else
+        pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsTrans, (pcs_blasint)T, (pcs_blasint)bmax,
+                        (pcs_blasint)hd, scale, qh, (pcs_blasint)Dq, kqh, (pcs_blasint)Dkv, 0.0f,
+                        att2, (pcs_blasint)bmax);
+    for (size_t t = 0; t < T; t++) {
+        const size_t b = (P + t) / G * G;
+        memcpy(att + t * C, att2 + t * bmax, b * sizeof(float));
+    }
+}
+
 /* One chunk of T <= B tokens at positions P..P+T-1.
  * logits (T or 1, V): every row when all_logits, else the last token's. */
 static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig *c,
@@ -260,6 +357,7 @@ static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig 
     const size_t H = c->n_heads, KV = c->n_kv_heads, hd = c->head_dim, G = H / KV;
     const size_t Dq = H * hd, Dkv = KV * hd, C = P + T;
     const float scale = 1.0f / sqrtf((float)hd);
+    const PcsKvQuant *Qz = &s->quant;
     float *x = s->x;     /* (T, D) */
     float *xb = s->xb;   /* (T, max(D, Dq)) */
     float *q = s->q;     /* (T, Dq) */
@@ -276,12 +374,32 @@ static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig 
         float *vc = s->v_cache + l * S * Dkv; /* (S, Dkv) */
 
         /* attention: q, k, v; K and V go straight into the cache rows P.. */
+        float *kt = kc + P * Dkv, *vt = vc + P * Dkv; /* (T, Dkv) */
         rmsnorm_forward(xb, x, L->attn_norm, T, D, c->rms_eps);
+        if (s->calib_sigma)
+            calib_accumulate(s, xb, T, D, l);
         matmul_forward(q, Dq, xb, D, L->wq, T, D, Dq, 0.0f);
-        matmul_forward(kc + P * Dkv, Dkv, xb, D, L->wk, T, D, Dkv, 0.0f);
-        matmul_forward(vc + P * Dkv, Dkv, xb, D, L->wv, T, D, Dkv, 0.0f);
+        if (L->k_down)
+            latent_kv_forward(kt, vt, s, L, xb, T, D, Dkv);
+        else {
+            matmul_forward(kt, Dkv, xb, D, L->wk, T, D, Dkv, 0.0f);
+            matmul_forward(vt, Dkv, xb, D, L->wv, T, D, Dkv, 0.0f);
+        }
         rope_forward(q, s, T, P, H, hd);
-        rope_forward(kc + P * Dkv, s, T, P, KV, hd);
+        rope_forward(kt, s, T, P, KV, hd);
+        if (Qz->v_bits)
+            pcs_fake_quant_rows(vt, T, Dkv, Dkv, Qz->v_bits, Qz->group);
+        if (Qz->k_bits && !Qz->k_per_channel)
+            pcs_fake_quant_rows(kt, T, Dkv, Dkv, Qz->k_bits, Qz->group);
+        float *kq = NULL; /* (S, Dkv) per-channel quantised K of complete groups */
+        if (Qz->k_bits && Qz->k_per_channel) {
+            const size_t G = Qz->group;
+            kq = s->kq_cache + l * S * Dkv;
+            for (size_t g0 = P / G * G; g0 + G <= C; g0 += G) { /* groups completed now */
+                memcpy(kq + g0 * Dkv, kc + g0 * Dkv, G * Dkv * sizeof(float));
+                pcs_fake_quant_cols(kq + g0 * Dkv, G, Dkv, Dkv, Qz->k_bits);
+            }
+        }
 
         /* per query head h (key/value head h / G): att = q_h K^T * scale,
          * causal softmax, out_h = att V; out_h lands in xb (T, Dq). */
@@ -298,6 +416,9 @@ static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig 
                                 (pcs_blasint)C, (pcs_blasint)hd, scale, qh, (pcs_blasint)Dq,
                                 kh, (pcs_blasint)Dkv, 0.0f, att, (pcs_blasint)C);
             }
+            if (kq)
+                closed_groups_scores(att, s->att2, qh, kq + (h / G) * hd, T, P, C, hd, Dq,
+                                     Dkv, scale, Qz->group);
             softmax_causal(att, T, C, P);
             if (T == 1) {
                 pcs_cblas_sgemv(PcsRowMajor, PcsTrans, (pcs_blasint)C, (pcs_blasint)hd, 1.0f,

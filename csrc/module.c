@@ -606,6 +606,7 @@ typedef struct {
     PcsLlamaState st;
     PyObject *arrays; /* list: tok_emb, final_norm, lm_head, then 9 per layer */
     PyObject *names;  /* list of str, same order */
+    PyObject *latents; /* list (L): None, or the arrays of the layer's latent K/V */
     int busy;         /* a kernel runs with the GIL released */
 } LlamaRuntime;
 
@@ -821,7 +822,17 @@ static int runtime_init(LlamaRuntime *self, PyObject *args, PyObject *kwargs)
             PyErr_Format(PyExc_ValueError, "LlamaRuntime: %s", pcs_status_str(status));
         goto fail;
     }
+    PyObject *latents = PyList_New((Py_ssize_t)c.n_layers);
+    if (!latents) {
+        pcs_llama_state_free(&st);
+        goto fail;
+    }
+    for (size_t l = 0; l < c.n_layers; l++) {
+        Py_INCREF(Py_None);
+        PyList_SET_ITEM(latents, (Py_ssize_t)l, Py_None);
+    }
     /* commit */
+    self->latents = latents;
     self->cfg = c;
     self->w = w;
     self->st = st;
@@ -840,6 +851,7 @@ static int runtime_traverse(LlamaRuntime *self, visitproc visit, void *arg)
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->arrays);
     Py_VISIT(self->names);
+    Py_VISIT(self->latents);
     return 0;
 }
 
@@ -847,6 +859,7 @@ static int runtime_clear(LlamaRuntime *self)
 {
     Py_CLEAR(self->arrays);
     Py_CLEAR(self->names);
+    Py_CLEAR(self->latents);
     return 0;
 }
 
@@ -875,25 +888,10 @@ static int runtime_ready(LlamaRuntime *self)
     return 0;
 }
 
-PyDoc_STRVAR(runtime_forward_doc,
-"forward($self, /, tokens, pos, all_logits=True)\n"
-"--\n"
-"\n"
-"Run tokens (1-D ints) at positions pos..pos+T-1 (pos <= n_cached; the cache\n"
-"beyond pos is overwritten). Returns float32 logits (T, V), or (1, V) for\n"
-"the last token when all_logits is False.");
-
-static PyObject *runtime_forward(LlamaRuntime *self, PyObject *args, PyObject *kwargs)
+/* tokens (a 1-D integer sequence, every id in [0, V)) as a PyMem_Malloc'd
+ * int array of *T entries; NULL with an exception set. */
+static int *tokens_arg(PyObject *tok_obj, size_t V, npy_intp *T_out)
 {
-    static char *kwlist[] = {"tokens", "pos", "all_logits", NULL};
-    PyObject *tok_obj;
-    Py_ssize_t pos;
-    int all_logits = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "On|p:forward", kwlist, &tok_obj, &pos,
-                                     &all_logits))
-        return NULL;
-    if (runtime_ready(self) < 0)
-        return NULL;
     PyArrayObject *raw = (PyArrayObject *)PyArray_FromAny(tok_obj, NULL, 0, 0, 0, NULL);
     if (!raw)
         return NULL;
@@ -903,7 +901,6 @@ static PyObject *runtime_forward(LlamaRuntime *self, PyObject *args, PyObject *k
         return NULL;
     }
     npy_intp T = PyArray_DIM(raw, 0);
-    const size_t V = self->cfg.vocab_size, S = self->cfg.seq_len;
     if (T == 0) {
         PyErr_SetString(PyExc_ValueError, "tokens is empty; expected at least one token");
         Py_DECREF(raw);
@@ -925,28 +922,57 @@ static PyObject *runtime_forward(LlamaRuntime *self, PyObject *args, PyObject *k
             return NULL;
         }
     }
+    int *tokens = PyMem_Malloc((size_t)T * sizeof(int));
+    if (!tokens) {
+        Py_DECREF(tok64);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (npy_intp i = 0; i < T; i++)
+        tokens[i] = (int)t64[i];
+    Py_DECREF(tok64);
+    *T_out = T;
+    return tokens;
+}
+
+PyDoc_STRVAR(runtime_forward_doc,
+"forward($self, /, tokens, pos, all_logits=True)\n"
+"--\n"
+"\n"
+"Run tokens (1-D ints) at positions pos..pos+T-1 (pos <= n_cached; the cache\n"
+"beyond pos is overwritten). Returns float32 logits (T, V), or (1, V) for\n"
+"the last token when all_logits is False.");
+
+static PyObject *runtime_forward(LlamaRuntime *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"tokens", "pos", "all_logits", NULL};
+    PyObject *tok_obj;
+    Py_ssize_t pos;
+    int all_logits = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "On|p:forward", kwlist, &tok_obj, &pos,
+                                     &all_logits))
+        return NULL;
+    if (runtime_ready(self) < 0)
+        return NULL;
+    npy_intp T;
+    int *tokens = tokens_arg(tok_obj, self->cfg.vocab_size, &T);
+    if (!tokens)
+        return NULL;
+    const size_t V = self->cfg.vocab_size, S = self->cfg.seq_len;
     if (pos < 0 || (size_t)pos > self->st.n_cached) {
         PyErr_Format(PyExc_ValueError,
                      "pos must be between 0 and the %zu positions already cached, got %zd",
                      self->st.n_cached, pos);
-        Py_DECREF(tok64);
+        PyMem_Free(tokens);
         return NULL;
     }
     if ((size_t)pos + (size_t)T > S) {
         PyErr_Format(PyExc_ValueError,
                      "%zd tokens at position %zd exceed the context of %zu tokens",
                      (Py_ssize_t)T, pos, S);
-        Py_DECREF(tok64);
+        PyMem_Free(tokens);
         return NULL;
     }
-    int *tokens = PyMem_Malloc((size_t)T * sizeof(int));
-    if (!tokens) {
-        Py_DECREF(tok64);
-        return PyErr_NoMemory();
-    }
-    for (npy_intp i = 0; i < T; i++)
-        tokens[i] = (int)t64[i];
-    Py_DECREF(tok64);
     npy_intp dims[2] = {all_logits ? T : 1, (npy_intp)V};
     PyArrayObject *logits = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
     if (!logits) {
@@ -967,6 +993,256 @@ static PyObject *runtime_forward(LlamaRuntime *self, PyObject *args, PyObject *k
         return NULL;
     }
     return (PyObject *)logits;
+}
+
+
+/* obj as a C-contiguous float32 matrix of shape (rows, cols), finite; a
+ * new reference or NULL. cols or rows 0: any (the actual one in *got). */
+static PyArrayObject *f32_matrix(PyObject *obj, const char *name, size_t rows, size_t cols,
+                                 size_t *got_rows, size_t *got_cols)
+{
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROM_OTF(obj, NPY_FLOAT32,
+                                                         NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST);
+    if (!a)
+        return NULL;
+    if (PyArray_NDIM(a) != 2 || PyArray_DIM(a, 0) < 1 || PyArray_DIM(a, 1) < 1 ||
+        (rows && (size_t)PyArray_DIM(a, 0) != rows) || (cols && (size_t)PyArray_DIM(a, 1) != cols)) {
+        if (rows && cols)
+            PyErr_Format(PyExc_ValueError, "%s must have shape (%zu, %zu)", name, rows, cols);
+        else if (rows)
+            PyErr_Format(PyExc_ValueError, "%s must have shape (%zu, r) with r >= 1", name, rows);
+        else
+            PyErr_Format(PyExc_ValueError, "%s must have shape (r, %zu) with r >= 1", name, cols);
+        Py_DECREF(a);
+        return NULL;
+    }
+    const float *x = (const float *)PyArray_DATA(a);
+    size_t n = (size_t)PyArray_SIZE(a);
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(x[i])) {
+            PyErr_Format(PyExc_ValueError, "%s contains NaN or Inf", name);
+            Py_DECREF(a);
+            return NULL;
+        }
+    }
+    if (got_rows)
+        *got_rows = (size_t)PyArray_DIM(a, 0);
+    if (got_cols)
+        *got_cols = (size_t)PyArray_DIM(a, 1);
+    return a;
+}
+
+PyDoc_STRVAR(runtime_set_latent_doc,
+"set_latent($self, layer, k_down, k_up, v_down=None, v_up=None, /)\n"
+"--\n"
+"\n"
+"Compute layer's K and V from latents instead of wk, wv: K = k_up (k_down x)\n"
+"with k_down (rk, D), k_up (Dkv, rk); V = v_up (v_down x), or, with v_down\n"
+"None, v_up (Dkv, rk) applied to K's latent (one shared latent). rk + rv is\n"
+"at most 2 Dkv + 2. k_down None (and the rest None) restores wk, wv. The\n"
+"runtime keeps float32 copies; the KV cache is not cleared.");
+
+static PyObject *runtime_set_latent(LlamaRuntime *self, PyObject *args)
+{
+    Py_ssize_t layer;
+    PyObject *kd_obj, *ku_obj, *vd_obj = Py_None, *vu_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "nOO|OO:set_latent", &layer, &kd_obj, &ku_obj, &vd_obj, &vu_obj))
+        return NULL;
+    if (runtime_ready(self) < 0)
+        return NULL;
+    const PcsLlamaConfig *c = &self->cfg;
+    if (layer < 0 || (size_t)layer >= c->n_layers) {
+        PyErr_Format(PyExc_IndexError, "layer must be between 0 and %zu, got %zd",
+                     c->n_layers - 1, layer);
+        return NULL;
+    }
+    PcsLlamaLayer *L = &self->w.layers[layer];
+    if (kd_obj == Py_None) {
+        if (ku_obj != Py_None || vd_obj != Py_None || vu_obj != Py_None) {
+            PyErr_SetString(PyExc_ValueError, "k_down is None: k_up, v_down and v_up must be None too");
+            return NULL;
+        }
+        L->k_down = L->k_up = L->v_down = L->v_up = NULL;
+        L->k_rank = L->v_rank = 0;
+        Py_INCREF(Py_None);
+        PyList_SetItem(self->latents, layer, Py_None);
+        Py_RETURN_NONE;
+    }
+    if (vu_obj == Py_None) {
+        PyErr_SetString(PyExc_ValueError, "v_up is needed with k_down");
+        return NULL;
+    }
+    const size_t D = c->dim, Dkv = c->n_kv_heads * c->head_dim;
+    size_t rk = 0, rv = 0;
+    PyArrayObject *kd = NULL, *ku = NULL, *vd = NULL, *vu = NULL;
+    PyObject *keep = NULL;
+    kd = f32_matrix(kd_obj, "k_down", 0, D, &rk, NULL);
+    if (!kd)
+        goto fail;
+    ku = f32_matrix(ku_obj, "k_up", Dkv, rk, NULL, NULL);
+    if (!ku)
+        goto fail;
+    if (vd_obj != Py_None) {
+        vd = f32_matrix(vd_obj, "v_down", 0, D, &rv, NULL);
+        if (!vd)
+            goto fail;
+    }
+    vu = f32_matrix(vu_obj, "v_up", Dkv, vd ? rv : rk, NULL, NULL);
+    if (!vu)
+        goto fail;
+    if (rk + rv > pcs_llama_max_latent(c)) {
+        PyErr_Format(PyExc_ValueError, "latent ranks %zu + %zu exceed 2 * Dkv + 2 = %zu", rk, rv,
+                     pcs_llama_max_latent(c));
+        goto fail;
+    }
+    keep = Py_BuildValue("(OOOO)", kd, ku, vd ? (PyObject *)vd : Py_None, vu);
+    if (!keep)
+        goto fail;
+    L->k_down = (const float *)PyArray_DATA(kd);
+    L->k_up = (const float *)PyArray_DATA(ku);
+    L->v_down = vd ? (const float *)PyArray_DATA(vd) : NULL;
+    L->v_up = (const float *)PyArray_DATA(vu);
+    L->k_rank = rk;
+    L->v_rank = rv;
+    PyList_SetItem(self->latents, layer, keep); /* steals keep */
+    Py_DECREF(kd);
+    Py_DECREF(ku);
+    Py_XDECREF(vd);
+    Py_DECREF(vu);
+    Py_RETURN_NONE;
+fail:
+    Py_XDECREF(kd);
+    Py_XDECREF(ku);
+    Py_XDECREF(vd);
+    Py_XDECREF(vu);
+    return NULL;
+}
+
+PyDoc_STRVAR(runtime_set_quant_doc,
+"set_quant($self, k_bits=0, v_bits=0, group=32, k_per_channel=False, latent_bits=0,\n"
+"          latent_group=32)\n"
+"--\n"
+"\n"
+"Simulate a quantised cache: K and V rows (post-RoPE K) are rounded as\n"
+"asymmetric b-bit groups of `group` values with float16 scale and minimum\n"
+"as they are written; with k_per_channel, K is grouped per channel over\n"
+"`group` tokens (KIVI: complete groups quantised, the open one exact);\n"
+"latent_bits rounds the latents of latent K/V layers in groups of\n"
+"latent_group. 0 bits: exact. The KV cache is not cleared.");
+
+static PyObject *runtime_set_quant(LlamaRuntime *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"k_bits", "v_bits", "group", "k_per_channel", "latent_bits",
+                             "latent_group", NULL};
+    int k_bits = 0, v_bits = 0, per_channel = 0, latent_bits = 0;
+    Py_ssize_t group = 32, latent_group = 32;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|iinpin:set_quant", kwlist, &k_bits, &v_bits,
+                                     &group, &per_channel, &latent_bits, &latent_group))
+        return NULL;
+    if (runtime_ready(self) < 0)
+        return NULL;
+    const int bits[3] = {k_bits, v_bits, latent_bits};
+    const char *names[3] = {"k_bits", "v_bits", "latent_bits"};
+    for (int i = 0; i < 3; i++) {
+        if (bits[i] < 0 || bits[i] > 8) {
+            PyErr_Format(PyExc_ValueError, "%s must be 0 (exact) or 1..8, got %d", names[i], bits[i]);
+            return NULL;
+        }
+    }
+    if (group < 1 || latent_group < 1) {
+        PyErr_Format(PyExc_ValueError, "group and latent_group must be >= 1, got %zd and %zd",
+                     group, latent_group);
+        return NULL;
+    }
+    PcsKvQuant q = {k_bits, v_bits, (size_t)group, per_channel, latent_bits, (size_t)latent_group};
+    int status = pcs_llama_set_quant(&self->st, &self->cfg, &q);
+    if (status == PCS_ERR_NOMEM)
+        return PyErr_NoMemory();
+    if (status) {
+        PyErr_Format(PyExc_ValueError, "set_quant: %s", pcs_status_str(status));
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(runtime_calibrate_doc,
+"calibrate($self, tokens, sigma, sums, /)\n"
+"--\n"
+"\n"
+"Run tokens from position 0 (the cache is reset) and, for every layer l,\n"
+"add h h^T of each token's attention input h (after RMSNorm) to the upper\n"
+"triangle of sigma[l] and h to sums[l]: sigma (L, D, D) and sums (L, D),\n"
+"C-contiguous writable float64 arrays, updated in place.");
+
+static PyObject *runtime_calibrate(LlamaRuntime *self, PyObject *args)
+{
+    PyObject *tok_obj, *sig_obj, *sum_obj;
+    if (!PyArg_ParseTuple(args, "OOO:calibrate", &tok_obj, &sig_obj, &sum_obj))
+        return NULL;
+    if (runtime_ready(self) < 0)
+        return NULL;
+    const PcsLlamaConfig *c = &self->cfg;
+    const size_t D = c->dim, L = c->n_layers;
+    PyArrayObject *arrs[2] = {(PyArrayObject *)sig_obj, (PyArrayObject *)sum_obj};
+    const char *names[2] = {"sigma", "sums"};
+    for (int i = 0; i < 2; i++) {
+        PyObject *o = i ? sum_obj : sig_obj;
+        int nd = i ? 2 : 3;
+        npy_intp want[3] = {(npy_intp)L, (npy_intp)D, (npy_intp)D};
+        int ok = PyArray_Check(o) && PyArray_TYPE((PyArrayObject *)o) == NPY_FLOAT64 &&
+                 PyArray_IS_C_CONTIGUOUS((PyArrayObject *)o) &&
+                 PyArray_ISWRITEABLE((PyArrayObject *)o) && PyArray_ISALIGNED((PyArrayObject *)o) &&
+                 PyArray_ISNOTSWAPPED((PyArrayObject *)o) && PyArray_NDIM((PyArrayObject *)o) == nd;
+        for (int j = 0; ok && j < nd; j++)
+            ok = PyArray_DIM((PyArrayObject *)o, j) == want[j];
+        if (!ok) {
+            if (i)
+                PyErr_Format(PyExc_TypeError, "%s must be a writable C-contiguous float64 array "
+                             "of shape (%zu, %zu)", names[i], L, D);
+            else
+                PyErr_Format(PyExc_TypeError, "%s must be a writable C-contiguous float64 array "
+                             "of shape (%zu, %zu, %zu)", names[i], L, D, D);
+            return NULL;
+        }
+    }
+    npy_intp T;
+    int *tokens = tokens_arg(tok_obj, c->vocab_size, &T);
+    if (!tokens)
+        return NULL;
+    if ((size_t)T > c->seq_len) {
+        PyErr_Format(PyExc_ValueError, "%zd tokens exceed the context of %zu tokens",
+                     (Py_ssize_t)T, c->seq_len);
+        PyMem_Free(tokens);
+        return NULL;
+    }
+    float *tmp = malloc(D * D * sizeof(float));
+    float *logits = malloc(c->vocab_size * sizeof(float));
+    if (!tmp || !logits) {
+        free(tmp);
+        free(logits);
+        PyMem_Free(tokens);
+        return PyErr_NoMemory();
+    }
+    int status;
+    self->busy = 1;
+    self->st.calib_sigma = (double *)PyArray_DATA(arrs[0]);
+    self->st.calib_sum = (double *)PyArray_DATA(arrs[1]);
+    self->st.calib_tmp = tmp;
+    self->st.n_cached = 0;
+    Py_BEGIN_ALLOW_THREADS
+    status = pcs_llama_forward(logits, &self->st, c, &self->w, tokens, (size_t)T, 0, 0);
+    Py_END_ALLOW_THREADS
+    self->st.calib_sigma = self->st.calib_sum = NULL;
+    self->st.calib_tmp = NULL;
+    self->busy = 0;
+    free(tmp);
+    free(logits);
+    PyMem_Free(tokens);
+    if (status) {
+        PyErr_Format(PyExc_ValueError, "calibrate: %s", pcs_status_str(status));
+        return NULL;
+    }
+    Py_RETURN_NONE;
 }
 
 PyDoc_STRVAR(runtime_set_weight_doc,
@@ -1025,6 +1301,10 @@ static PyMethodDef runtime_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))runtime_forward, METH_VARARGS | METH_KEYWORDS,
      runtime_forward_doc},
     {"set_weight", (PyCFunction)runtime_set_weight, METH_VARARGS, runtime_set_weight_doc},
+    {"set_latent", (PyCFunction)runtime_set_latent, METH_VARARGS, runtime_set_latent_doc},
+    {"set_quant", (PyCFunction)(void (*)(void))runtime_set_quant, METH_VARARGS | METH_KEYWORDS,
+     runtime_set_quant_doc},
+    {"calibrate", (PyCFunction)runtime_calibrate, METH_VARARGS, runtime_calibrate_doc},
     {"reset", (PyCFunction)runtime_reset, METH_NOARGS, "reset($self, /)\n--\n\nForget the KV cache."},
     {NULL, NULL, 0, NULL},
 };
@@ -1055,6 +1335,114 @@ static PyType_Spec runtime_spec = {
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .slots = runtime_slots,
 };
+
+
+/* ------------------------------------------------ activation-aware bases */
+
+PyDoc_STRVAR(weighted_gram_doc,
+"weighted_gram($module, W, sigma, name='W', /)\n"
+"--\n"
+"\n"
+"M (n, n) float64 = W Sigma W^T, in double, for W (n, d) (float32 or any\n"
+"real array) and Sigma (d, d) float64 symmetric.");
+
+static PyObject *weighted_gram(PyObject *module, PyObject *args)
+{
+    PyObject *w_obj, *s_obj;
+    const char *name = "W";
+    if (!PyArg_ParseTuple(args, "OO|s:weighted_gram", &w_obj, &s_obj, &name))
+        return NULL;
+    matview v;
+    if (to_matview(w_obj, name, 0, &v) < 0)
+        return NULL;
+    PyArrayObject *sig = (PyArrayObject *)PyArray_FROM_OTF(s_obj, NPY_FLOAT64,
+                                                           NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST);
+    if (!sig) {
+        matview_clear(&v);
+        return NULL;
+    }
+    if (PyArray_NDIM(sig) != 2 || (size_t)PyArray_DIM(sig, 0) != v.cols ||
+        (size_t)PyArray_DIM(sig, 1) != v.cols) {
+        PyErr_Format(PyExc_ValueError, "sigma must have shape (%zu, %zu) for %s with %zu columns",
+                     v.cols, v.cols, name, v.cols);
+        Py_DECREF(sig);
+        matview_clear(&v);
+        return NULL;
+    }
+    npy_intp dims[2] = {(npy_intp)v.rows, (npy_intp)v.rows};
+    PyArrayObject *M = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT64);
+    if (!M) {
+        Py_DECREF(sig);
+        matview_clear(&v);
+        return NULL;
+    }
+    PcsMatrix mat = {v.data, v.rows, v.ld};
+    PcsWhere where = {0, 0, 0};
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = pcs_weighted_gram((double *)PyArray_DATA(M), &mat, 1, v.cols,
+                               (const double *)PyArray_DATA(sig), &where);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(sig);
+    matview_clear(&v);
+    if (status == PCS_ERR_NONFINITE) {
+        PyErr_Format(PyExc_ValueError, "%s contains NaN or Inf (first at row %zu, column %zu)",
+                     name, where.row, where.col);
+        Py_DECREF(M);
+        return NULL;
+    }
+    if (status) {
+        Py_DECREF(M);
+        return raise_status(module, status, "weighted_gram");
+    }
+    return (PyObject *)M;
+}
+
+PyDoc_STRVAR(sym_eig_doc,
+"sym_eig($module, A, /)\n"
+"--\n"
+"\n"
+"-> (vals, vecs): the eigenvalues (n,) of the symmetric float64 matrix A\n"
+"(n, n), descending, and vecs (n, n) whose column i is the eigenvector of\n"
+"vals[i] (largest-magnitude entry positive). Only A's upper triangle is read.");
+
+static PyObject *sym_eig(PyObject *module, PyObject *arg)
+{
+    PyArrayObject *A = (PyArrayObject *)PyArray_FROM_OTF(arg, NPY_FLOAT64,
+                                                         NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST);
+    if (!A)
+        return NULL;
+    if (PyArray_NDIM(A) != 2 || PyArray_DIM(A, 0) != PyArray_DIM(A, 1) || PyArray_DIM(A, 0) < 1) {
+        PyErr_SetString(PyExc_ValueError, "A must be a square 2-D array with at least one row");
+        Py_DECREF(A);
+        return NULL;
+    }
+    npy_intp n = PyArray_DIM(A, 0), dims[2] = {n, n};
+    PyArrayObject *vals = (PyArrayObject *)PyArray_SimpleNew(1, &n, NPY_FLOAT64);
+    PyArrayObject *vecs = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT64);
+    if (!vals || !vecs) {
+        Py_DECREF(A);
+        Py_XDECREF(vals);
+        Py_XDECREF(vecs);
+        return NULL;
+    }
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = pcs_sym_eig((double *)PyArray_DATA(vals), (double *)PyArray_DATA(vecs),
+                         (const double *)PyArray_DATA(A), (size_t)n);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(A);
+    if (status) {
+        Py_DECREF(vals);
+        Py_DECREF(vecs);
+        if (status == PCS_ERR_NONFINITE) {
+            PyErr_SetString(PyExc_ValueError, "A contains NaN or Inf; expected finite values");
+            return NULL;
+        }
+        return raise_status(module, status, "sym_eig");
+    }
+    return Py_BuildValue("(NN)", vals, vecs);
+}
 
 /* ---------------------------------------------------------------- threads */
 
@@ -1121,6 +1509,8 @@ static PyMethodDef methods[] = {
     {"pca_reconstruct", (PyCFunction)(void (*)(void))pca_reconstruct,
      METH_VARARGS | METH_KEYWORDS, pca_reconstruct_doc},
     {"to_float32", to_float32, METH_VARARGS, to_float32_doc},
+    {"weighted_gram", weighted_gram, METH_VARARGS, weighted_gram_doc},
+    {"sym_eig", sym_eig, METH_O, sym_eig_doc},
     {"set_num_threads", set_num_threads, METH_O,
      "set_num_threads($module, n, /)\n--\n\nThreads of pcasurgery's own OpenBLAS."},
     {"max_threads", max_threads, METH_NOARGS,

@@ -112,6 +112,13 @@ typedef struct {
     const float *w_gate;    /* (F, D) */
     const float *w_up;      /* (F, D) */
     const float *w_down;    /* (D, F) */
+    /* Optional latent K/V (k_down NULL: K = wk x and V = wv x). With k_down
+     * set, K = k_up (k_down x): k_down (rk, D), k_up (Dkv, rk); V likewise
+     * from v_down (rv, D) and v_up (Dkv, rv), or, when v_down is NULL, from
+     * K's latent: v_up (Dkv, rk), one latent shared by K and V. The latent
+     * is what a latent cache holds (quantised when PcsKvQuant.latent_bits). */
+    const float *k_down, *k_up, *v_down, *v_up;
+    size_t k_rank, v_rank;
 } PcsLlamaLayer;
 
 typedef struct {
@@ -121,7 +128,21 @@ typedef struct {
     PcsLlamaLayer *layers;   /* (L) */
 } PcsLlamaWeights;
 
-/* Everything a forward pass writes, carved from one allocation. */
+/* Simulated cache quantisation (quant.c's asymmetric min/max groups with
+ * float16 scale and minimum); 0 bits = not quantised. */
+typedef struct {
+    int k_bits, v_bits;   /* the K / V cache, 1..8 */
+    size_t group;         /* values per group: along a token's row, or tokens
+                             per group for per-channel K */
+    int k_per_channel;    /* K per channel over groups of `group` tokens, as
+                             KIVI: a query sees complete groups quantised and
+                             its own, still open, group exact */
+    int latent_bits;      /* the latent of latent K/V layers, per token */
+    size_t latent_group;  /* latent values per group */
+} PcsKvQuant;
+
+/* Everything a forward pass writes, carved from one allocation (kq_cache
+ * and att2 only while per-channel K quantisation is on). */
 typedef struct {
     size_t max_batch;  /* B */
     size_t n_cached;   /* positions 0..n_cached-1 of the cache are valid */
@@ -134,6 +155,14 @@ typedef struct {
     float *rope_sin;   /* (S, hd/2) */
     float *k_cache;    /* (L, S, Dkv) */
     float *v_cache;    /* (L, S, Dkv) */
+    float *lat;        /* (B, 2 Dkv + 2) latents of latent K/V layers */
+    PcsKvQuant quant;
+    float *kq_cache;   /* (L, S, Dkv) K of complete token groups, quantised */
+    float *att2;       /* (B, S) scores against kq_cache */
+    /* calibration (NULL when off): per layer, the attention input h after
+     * RMSNorm: sigma (L, D, D) += h h^T (upper triangle), sum (L, D) += h */
+    double *calib_sigma, *calib_sum;
+    float *calib_tmp;  /* (D, D) */
     void *block;
 } PcsLlamaState;
 
@@ -151,6 +180,30 @@ void pcs_llama_state_free(PcsLlamaState *s);
 int pcs_llama_forward(float *logits, PcsLlamaState *s, const PcsLlamaConfig *c,
                       const PcsLlamaWeights *w, const int *tokens, size_t T, size_t P,
                       int all_logits);
+
+/* Set the cache quantisation; allocates kq_cache/att2 for per-channel K
+ * (frees them otherwise). PCS_ERR_ARG for bits outside 0..8 or a zero group
+ * with bits set; PCS_ERR_NOMEM. The cache is not cleared. */
+int pcs_llama_set_quant(PcsLlamaState *s, const PcsLlamaConfig *c, const PcsKvQuant *q);
+/* Width of the state's latent buffer: the largest k_rank + v_rank allowed. */
+size_t pcs_llama_max_latent(const PcsLlamaConfig *c);
+
+/* ---- simulated quantisation (quant.c): in place, x <- dequant(quant(x)) */
+float pcs_round_f16(float x);
+/* x (T, n) row stride ld: each row in groups of g values; bits 1..8 */
+void pcs_fake_quant_rows(float *x, size_t T, size_t n, size_t ld, int bits, size_t g);
+/* x (T, n) row stride ld: each column over the T rows as one group */
+void pcs_fake_quant_cols(float *x, size_t T, size_t n, size_t ld, int bits);
+
+/* ---- activation-aware bases (calib.c) */
+/* M (n, n) = W Σ W^T in double, W (n, d) the rows of the stacked mats,
+ * Σ (d, d) symmetric. PCS_ERR_NONFINITE with *where for a NaN/Inf in W. */
+int pcs_weighted_gram(double *M, const PcsMatrix *mats, size_t n_mats, size_t d,
+                      const double *sigma, PcsWhere *where);
+/* Eigen-decomposition of symmetric A (n, n) (upper triangle read):
+ * vals (n) descending, vecs (n, n) row-major whose column i is the
+ * eigenvector of vals[i], its largest-magnitude entry positive. */
+int pcs_sym_eig(double *vals, double *vecs, const double *A, size_t n);
 
 /* ---- checkpoint storage formats (convert.c) */
 enum { PCS_DTYPE_F32 = 0, PCS_DTYPE_F16 = 1, PCS_DTYPE_BF16 = 2 };
