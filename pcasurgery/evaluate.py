@@ -65,12 +65,26 @@ class Evaluator:
     """Scores the current weights of `model` against the weights it has now.
 
     tokens: eval token ids (without BOS); windows of n_ctx - 1, each after a
-    BOS, as :meth:`LlamaModel.perplexity` does.
+    BOS, as :meth:`LlamaModel.perplexity` does. Or docs: a list of documents
+    (token ids without BOS each), scored each from a BOS of its own, as
+    llama2.c does (a document longer than a window is cut into several).
     """
 
-    def __init__(self, model: LlamaModel, tokens: Any, n_ctx: int = 512) -> None:
+    def __init__(self, model: LlamaModel, tokens: Any = None, n_ctx: int = 512,
+                 docs: list[Any] | None = None) -> None:
         self.model = model
-        self.windows = model._windows(tokens, n_ctx)
+        if (tokens is None) == (docs is None):
+            raise ValueError("give exactly one of tokens and docs")
+        if docs is not None:
+            from .calibrate import document_windows
+
+            model._windows([0], n_ctx)  # checks n_ctx
+            docs = [model._as_tokens(d, f"docs[{i}]") for i, d in enumerate(docs)]
+            if not docs:
+                raise ValueError("docs is empty; expected at least one document")
+            self.windows = document_windows(docs, model.config.bos_token_id, n_ctx)
+        else:
+            self.windows = model._windows(tokens, n_ctx)
         with model.lock:
             self.base = [log_softmax(model.logits(w)) for w in self.windows]
         self.base_quality = self.evaluate()

@@ -13,7 +13,7 @@ import numpy as np
 
 from .evaluate import Evaluator
 from .model import LlamaModel
-from .surgery import Surgery
+from .surgery import Surgery, proj_name
 
 
 def components_by_kind(s: Surgery, ks: dict[str, int]) -> dict[str, list[int]]:
@@ -120,4 +120,151 @@ def compare_at_equal_budget(rows: list[dict], key: str = "kv_ratio") -> list[str
                 w, l, nw = (a, b, wins_a) if wins_a >= wins_b else (b, a, wins_b)
                 out.append(f"at equal {what}, {w} has lower KL than {l} at {nw} of {n} "
                            "comparable settings")
+    return out
+
+
+# ------------------------------------------------------------- KV budgets
+
+def row_label(r: dict) -> str:
+    """A row's combination, e.g. "shared-kv activations greedy α=auto" or
+    "kv-int4 per-channel-k"."""
+    if r["quantizer"]:
+        return f"{r['mode']} {r['quantizer']}"
+    bits = "" if r["latent_bits"] >= 16 else f" int{r['latent_bits']} latent"
+    bal = f" balance={r['balance']}" if r["mode"] == "shared-kv" else ""
+    return f"{r['mode']} {r['basis']} {r['alloc']}{bal}{bits}"
+
+
+def budget_points(config: Any, budgets: Iterable[float], modes: Iterable[str]) -> list[float]:
+    """The budgets latent modes are evaluated at: the given ones plus the
+    exact byte fraction of every quantised mode in `modes` (so that rank
+    reduction and quantisation meet at equal bytes), descending."""
+    from .budget import QUANT_MODES, dense_kv_bytes, quant_kv_bytes
+
+    pts = {round(float(b), 12) for b in budgets}
+    for m in modes:
+        if m in QUANT_MODES:
+            pts.add(round(quant_kv_bytes(config, QUANT_MODES[m]) / dense_kv_bytes(config), 12))
+    return sorted((p for p in pts if p <= 1.0), reverse=True)
+
+
+def run_budget(model: LlamaModel, evaluator: Evaluator, bases: Any, *, modes: Iterable[str],
+               budgets: Iterable[float], basis: Iterable[str] = ("weights",),
+               alloc: Iterable[str] = ("greedy",), balance: Iterable[Any] = ("auto",),
+               latent_bits: Iterable[int] = (16,), quantizers: Iterable[str] = ("per-token",
+                                                                                "per-channel-k"),
+               q_var: float | None = None,
+               progress: Callable[..., Any] | None = None) -> list[dict]:
+    """Every latent mode × basis × allocator × balance × latent width at
+    every budget (plus the quantised modes' own byte fractions), and every
+    quantised mode × quantiser, each evaluated against the unmodified model.
+    K and V only; q_proj too at variance threshold q_var when given (its own
+    axis, the same in every row). Returns one dict row per setting.
+
+    bases: a :class:`pcasurgery.budget.Bases` (its fits serve every row)."""
+    from .budget import (LATENT_MODES, QUANT_MODES, allocate, apply_latent, apply_quant,
+                         dense_kv_bytes, quant_kv_bytes, restore)
+
+    c = model.config
+    modes, basis, alloc = list(modes), list(basis), list(alloc)
+    balance, latent_bits, quantizers = list(balance), list(latent_bits), list(quantizers)
+    points = budget_points(c, budgets, modes)
+    originals = {n: model.weights[n] for layer in range(c.num_hidden_layers)
+                 for n in (proj_name(layer, "k"), proj_name(layer, "v"))}
+    dense = dense_kv_bytes(c)
+    base = evaluator.base_quality
+    jobs: list[tuple] = []
+    for mode in modes:
+        if mode in QUANT_MODES:
+            jobs += [(mode, None, None, None, QUANT_MODES[mode], q, None) for q in quantizers]
+            continue
+        if mode not in LATENT_MODES:
+            raise ValueError(f"mode {mode!r} has no KV budget; expected one of "
+                             f"{', '.join(LATENT_MODES + tuple(QUANT_MODES))}")
+        for b in basis:
+            for bal in (balance if mode == "shared-kv" else ["off"]):
+                for bits in latent_bits:
+                    for a in alloc:
+                        for f in points:
+                            jobs.append((mode, b, a, bal, bits, None, f))
+    q_surgery = None
+    if q_var is not None:
+        q_surgery = Surgery(model, "separate", proj="q").fit(keep=q_var)
+    rows: list[dict] = []
+    it = progress(jobs, desc="evaluate", unit="setting") if progress else jobs
+    for mode, b, a, bal, bits, quantizer, f in it:
+        t0 = time.perf_counter()
+        if q_surgery is not None:
+            q_surgery.apply(var=q_var)
+        try:
+            if quantizer:
+                apply_quant(model, bits, quantizer)
+                ranks: list = []
+                alphas: list = []
+                kv_bytes = quant_kv_bytes(c, bits)
+                target = kv_bytes / dense
+            else:
+                groups = bases.groups(mode, b, bal)
+                al = allocate(groups, c, f, a, bits)
+                apply_latent(model, groups, al.ks, bits)
+                ranks = [ks[0] if len(ks) == 1 else list(ks) for ks in al.ks]
+                alphas = [layer[0].alpha for layer in groups] if mode == "shared-kv" else []
+                kv_bytes, target = al.bytes, f
+            t_apply = time.perf_counter() - t0
+            q = evaluator.evaluate()
+        finally:
+            restore(model, originals)
+            if q_surgery is not None:
+                q_surgery.restore()
+        rows.append({
+            "mode": mode, "basis": b, "alloc": a, "balance": None if bal is None else str(bal),
+            "latent_bits": bits if not quantizer else None, "quant_bits": bits if quantizer else None,
+            "quantizer": quantizer, "budget": target, "kv_fraction": kv_bytes / dense,
+            "kv_bytes_per_token": kv_bytes, "kv_dense_bytes_per_token": dense,
+            "ranks": ranks, "alpha": alphas, "q_var": q_var,
+            "perplexity": q.perplexity, "kl": q.kl, "top1": q.top1, "eval_tokens": q.tokens,
+            "base_perplexity": base.perplexity,
+            "seconds": {"apply": t_apply, "evaluate": q.seconds},
+        })
+        rows[-1]["label"] = row_label(rows[-1])
+    return rows
+
+
+def budget_summary(rows: list[dict]) -> list[str]:
+    """Sentences: at each budget the best combination and its margin over the
+    runner-up; shared vs separate latents at their best; and whether rank
+    reduction beats quantisation anywhere at equal bytes."""
+    out = []
+    by: dict[float, list[dict]] = {}
+    for r in rows:
+        by.setdefault(round(r["budget"], 6), []).append(r)
+    rank_wins, quant_points = [], 0
+    for f in sorted(by, reverse=True):
+        rs = sorted(by[f], key=lambda r: r["kl"])
+        best = rs[0]
+        line = f"at {f:.1%} of the KV cache: best {best['label']} (KL {best['kl']:.4g}"
+        if len(rs) > 1:
+            second = rs[1]
+            ratio = second["kl"] / best["kl"] if best["kl"] > 0 else float("inf")
+            line += f"), {ratio:.2f}x lower than the runner-up {second['label']} ({second['kl']:.4g})"
+        else:
+            line += ")"
+        out.append(line)
+        sh = [r for r in rs if r["mode"] == "shared-kv"]
+        se = [r for r in rs if r["mode"] == "separate"]
+        if sh and se:
+            w, lo = (sh[0], se[0]) if sh[0]["kl"] <= se[0]["kl"] else (se[0], sh[0])
+            out.append(f"  {w['mode']} beats {lo['mode']} at their best: KL {w['kl']:.4g} vs "
+                       f"{lo['kl']:.4g} ({lo['kl'] / max(w['kl'], 1e-300):.2f}x)")
+        qs = [r for r in rs if r["quantizer"]]
+        lat = [r for r in rs if not r["quantizer"]]
+        if qs and lat:
+            quant_points += 1
+            if lat[0]["kl"] < qs[0]["kl"]:
+                rank_wins.append(f"{f:.1%}")
+            out.append(f"  at equal bytes: best quantisation {qs[0]['label']} KL {qs[0]['kl']:.4g}"
+                       f", best rank reduction {lat[0]['label']} KL {lat[0]['kl']:.4g}")
+    if quant_points:
+        out.append("rank reduction beats quantisation at equal bytes: " +
+                   (", ".join(rank_wins) if rank_wins else f"nowhere (0 of {quant_points} points)"))
     return out

@@ -182,6 +182,32 @@ class LlamaModel:
                     self._weights[n] = a
             self._rt.reset()
 
+    def set_latent(self, layer: int, k_down: Any, k_up: Any, v_down: Any = None,
+                   v_up: Any = None) -> None:
+        """Compute layer's K and V from a latent instead of k_proj, v_proj:
+        K = k_up @ (k_down @ h), k_down (rk, D), k_up (kv_dim, rk); V from
+        its own latent (v_down, v_up) or, with v_down None, from K's (one
+        shared latent, v_up (kv_dim, rk)). k_down None restores k_proj,
+        v_proj. The latent is what a latent cache would hold: see
+        :meth:`set_kv_quant`'s latent_bits."""
+        with self.lock:
+            self._rt.set_latent(layer, k_down, k_up, v_down, v_up)
+            self._rt.reset()
+
+    def set_kv_quant(self, k_bits: int = 0, v_bits: int = 0, group: int = 32,
+                     k_per_channel: bool = False, latent_bits: int = 0,
+                     latent_group: int = 32) -> None:
+        """Simulate a quantised cache in the forward pass (0 bits: exact):
+        K and V (K after RoPE) rounded as asymmetric groups of `group` values
+        with a float16 scale and minimum, as they are written to the cache;
+        k_per_channel groups K per channel over `group` tokens as KIVI does
+        (a query sees complete groups quantised, its own open group exact);
+        latent_bits rounds the latents of :meth:`set_latent` layers per token
+        in groups of latent_group. No arguments: exact again."""
+        with self.lock:
+            self._rt.set_quant(k_bits, v_bits, group, k_per_channel, latent_bits, latent_group)
+            self._rt.reset()
+
     # -------------------------------------------------------------- tokens
     def _as_tokens(self, tokens: Any, what: str = "tokens") -> np.ndarray:
         t = np.asarray(tokens)
