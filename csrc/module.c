@@ -1444,6 +1444,59 @@ static PyObject *sym_eig(PyObject *module, PyObject *arg)
     return Py_BuildValue("(NN)", vals, vecs);
 }
 
+PyDoc_STRVAR(fake_quant_doc,
+"fake_quant($module, x, bits, group, per_column=False, /)\n"
+"--\n"
+"\n"
+"A float32 copy of the 2-D array x, quantised and dequantised as the KV\n"
+"cache simulation does it: asymmetric `bits`-bit groups (1..8) with a\n"
+"float16 scale and minimum, each row in groups of `group` values, or, with\n"
+"per_column, each column as one group.");
+
+static PyObject *fake_quant(PyObject *module, PyObject *args)
+{
+    PyObject *x_obj;
+    int bits, per_column = 0;
+    Py_ssize_t group;
+    if (!PyArg_ParseTuple(args, "Oin|p:fake_quant", &x_obj, &bits, &group, &per_column))
+        return NULL;
+    if (bits < 1 || bits > 8) {
+        PyErr_Format(PyExc_ValueError, "bits must be between 1 and 8, got %d", bits);
+        return NULL;
+    }
+    if (group < 1) {
+        PyErr_Format(PyExc_ValueError, "group must be >= 1, got %zd", group);
+        return NULL;
+    }
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROM_OTF(x_obj, NPY_FLOAT32,
+                                                         NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST |
+                                                         NPY_ARRAY_ENSURECOPY);
+    if (!a)
+        return NULL;
+    if (PyArray_NDIM(a) != 2 || PyArray_DIM(a, 0) < 1 || PyArray_DIM(a, 1) < 1) {
+        PyErr_SetString(PyExc_ValueError, "x must be a non-empty 2-D array");
+        Py_DECREF(a);
+        return NULL;
+    }
+    const float *p = (const float *)PyArray_DATA(a);
+    for (npy_intp i = 0; i < PyArray_SIZE(a); i++) {
+        if (!isfinite(p[i])) {
+            PyErr_SetString(PyExc_ValueError, "x contains NaN or Inf; expected finite values");
+            Py_DECREF(a);
+            return NULL;
+        }
+    }
+    size_t T = (size_t)PyArray_DIM(a, 0), n = (size_t)PyArray_DIM(a, 1);
+    float *x = (float *)PyArray_DATA(a);
+    Py_BEGIN_ALLOW_THREADS
+    if (per_column)
+        pcs_fake_quant_cols(x, T, n, n, bits);
+    else
+        pcs_fake_quant_rows(x, T, n, n, bits, (size_t)group);
+    Py_END_ALLOW_THREADS
+    return (PyObject *)a;
+}
+
 /* ---------------------------------------------------------------- threads */
 
 /* The most threads our OpenBLAS runs: its build's MAX_THREADS (it clamps
@@ -1511,6 +1564,7 @@ static PyMethodDef methods[] = {
     {"to_float32", to_float32, METH_VARARGS, to_float32_doc},
     {"weighted_gram", weighted_gram, METH_VARARGS, weighted_gram_doc},
     {"sym_eig", sym_eig, METH_O, sym_eig_doc},
+    {"fake_quant", fake_quant, METH_VARARGS, fake_quant_doc},
     {"set_num_threads", set_num_threads, METH_O,
      "set_num_threads($module, n, /)\n--\n\nThreads of pcasurgery's own OpenBLAS."},
     {"max_threads", max_threads, METH_NOARGS,

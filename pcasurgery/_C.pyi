@@ -44,6 +44,12 @@ def to_float32(
     /,
 ) -> npt.NDArray[np.float32]: ...
 
+def weighted_gram(W: npt.ArrayLike, sigma: npt.ArrayLike, name: str = "W", /) -> npt.NDArray[np.float64]: ...
+def sym_eig(A: npt.ArrayLike, /) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+def fake_quant(
+    x: npt.ArrayLike, bits: int, group: int, per_column: bool = False, /
+) -> npt.NDArray[np.float32]: ...
+
 @final
 class LlamaRuntime:
     @property
@@ -61,4 +67,25 @@ class LlamaRuntime:
         self, tokens: npt.ArrayLike, pos: int, all_logits: bool = True
     ) -> npt.NDArray[np.float32]: ...
     def set_weight(self, index: int, array: npt.NDArray[np.float32], /) -> None: ...
+    def set_latent(
+        self,
+        layer: int,
+        k_down: npt.ArrayLike | None,
+        k_up: npt.ArrayLike | None,
+        v_down: npt.ArrayLike | None = None,
+        v_up: npt.ArrayLike | None = None,
+        /,
+    ) -> None: ...
+    def set_quant(
+        self,
+        k_bits: int = 0,
+        v_bits: int = 0,
+        group: int = 32,
+        k_per_channel: bool = False,
+        latent_bits: int = 0,
+        latent_group: int = 32,
+    ) -> None: ...
+    def calibrate(
+        self, tokens: npt.ArrayLike, sigma: npt.NDArray[np.float64], sums: npt.NDArray[np.float64], /
+    ) -> None: ...
     def reset(self) -> None: ...

@@ -5,6 +5,8 @@ Examples:
   python -m pcasurgery --model path/to/TinyLlama-1.1B-Chat-v1.0 --mode separate,shared-kv --sweep
   python -m pcasurgery --model stories260K.bin --sweep 0.99,0.9,0.5 --out results/
   python -m pcasurgery --model TinyLlama/TinyLlama-1.1B-Chat-v1.0 --rank 64 --save surgered/
+  python -m pcasurgery --model stories260K.bin --kv-budget 0.25 --eval-text tinystories.txt
+  python -m pcasurgery --kv-budget-sweep --alloc uniform,greedy --out results/
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from typing import Any
 
 DEMO_PROMPT = "It is a truth universally acknowledged"
 DEFAULT_SWEEP = [0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
+DEFAULT_BUDGETS = "0.75,0.5,0.375,0.25,0.125"
+DEFAULT_BUDGET_MODES = "separate,shared-kv,kv-int8,kv-int4"
 
 
 class UserError(Exception):
@@ -89,7 +93,52 @@ def build_parser() -> Parser:
     sel.add_argument("--sweep", type=fraction_list, nargs="?", const=DEFAULT_SWEEP, default=None,
                      help="several thresholds, e.g. 0.99,0.9,0.5; alone: "
                           + ",".join(map(str, DEFAULT_SWEEP)))
-    p.add_argument("--proj", default="q,k,v", help="projections to touch (default q,k,v)")
+    sel.add_argument("--kv-budget", default=None, metavar="F",
+                     help="compare K/V compressions at exactly this size of the KV cache: a "
+                          "fraction in (0, 1] of the model's dense 16-bit cache, in bytes per "
+                          "token over all layers (K and V only; q_proj untouched unless --proj "
+                          "names q)")
+    sel.add_argument("--kv-budget-sweep", nargs="?", const=DEFAULT_BUDGETS, default=None,
+                     metavar="LIST", help="several KV budgets; alone: " + DEFAULT_BUDGETS +
+                     ". The byte sizes of the quantised modes are added, so that rank reduction "
+                     "and quantisation meet at equal bytes")
+    p.add_argument("--proj", default=None,
+                   help="projections to touch (default q,k,v; with a KV budget k,v, and q,k,v "
+                        "compresses q_proj too, at --q-var)")
+    kv = p.add_argument_group("KV budgets (with --kv-budget or --kv-budget-sweep)")
+    kv.add_argument("--alloc", default="greedy",
+                    help="rank allocators, comma-separated among uniform (the same latent size "
+                         "in every layer), variance (one global variance threshold, the "
+                         "original experiment's rule) and greedy (water-filling on each "
+                         "component's reconstruction error, default)")
+    kv.add_argument("--basis", default="weights,activations",
+                    help="K/V bases, comma-separated: weights (PCA of the weight rows) and/or "
+                         "activations (calibrated: PCA of the K/V outputs on calibration text); "
+                         "default both, so the calibrated basis is shown against the weight-only one")
+    kv.add_argument("--kv-balance", default="auto",
+                    help="K's row scale in a shared K/V fit, comma-separated for several: auto "
+                         "(default: equal K and V energy, as TransMLA), off, a positive number, "
+                         "or attn (activations basis: K weighted by the query energy it meets, V "
+                         "by o_proj, then equal energy)")
+    kv.add_argument("--latent-bits", default="16,8",
+                    help="widths of the latent cache, comma-separated among 16 (float16), 8, 4, "
+                         "3, 2 (default 16,8: a quantised latent is a point on the same bytes axis)")
+    kv.add_argument("--quantizer", default="per-token,per-channel-k",
+                    help="quantisers of the kv-int modes: per-token (groups of 32 values) and/or "
+                         "per-channel-k (K per channel over 32 tokens, as KIVI; V per token); "
+                         "default both, the better one is the baseline")
+    kv.add_argument("--q-var", type=fraction, default=0.9,
+                    help="with a KV budget and q in --proj: variance kept in q_proj (default 0.9)")
+    kv.add_argument("--calib-text", type=Path, default=None,
+                    help="text for the activation basis (documents may be separated by "
+                         "<|endoftext|>); default: text sampled from the unmodified model with "
+                         "seeds of its own, never the eval text")
+    kv.add_argument("--calib-tokens", type=positive_int, default=None,
+                    help="calibration tokens (default 2048, at least the hidden size; the "
+                         "first so many of --calib-text)")
+    kv.add_argument("--calib-cache", default=None,
+                    help="folder for calibrations (default $PCASURGERY_CACHE or "
+                         "~/.cache/pcasurgery), or 'off'")
     p.add_argument("--center", action=argparse.BooleanOptionalAction, default=True,
                    help="centered PCA with the mean restored (default) or plain SVD")
     p.add_argument("--layers-per-group", type=nonneg_int, default=0,
@@ -184,12 +233,106 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def csv_list(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def parse_budget_plan(args: argparse.Namespace) -> dict[str, Any]:
+    """The KV-budget run's choices, checked (the budget values themselves
+    are checked once the model is known: see check_budgets)."""
+    from .budget import ALLOCS, BASES, BUDGET_MODES, QUANTIZERS
+
+    def choose(value: str, allowed: tuple, what: str) -> list[str]:
+        got = csv_list(value)
+        bad = [x for x in got if x not in allowed]
+        if bad or not got:
+            raise UserError(f"{what} must be among {', '.join(allowed)}; got {value!r}")
+        return list(dict.fromkeys(got))
+
+    modes = choose(args.mode or DEFAULT_BUDGET_MODES, BUDGET_MODES, "--mode (with a KV budget)")
+    plan: dict[str, Any] = {
+        "modes": modes,
+        "alloc": choose(args.alloc, ALLOCS, "--alloc"),
+        "basis": choose(args.basis, BASES, "--basis"),
+        "quantizers": choose(args.quantizer, QUANTIZERS, "--quantizer"),
+    }
+    bits = []
+    for x in csv_list(args.latent_bits):
+        if x not in ("16", "8", "4", "3", "2"):
+            raise UserError(f"--latent-bits must be among 16, 8, 4, 3, 2; got {args.latent_bits!r}")
+        bits.append(int(x))
+    if not bits:
+        raise UserError("--latent-bits needs at least one width among 16, 8, 4, 3, 2")
+    plan["latent_bits"] = list(dict.fromkeys(bits))
+    balance: list[Any] = []
+    for x in csv_list(args.kv_balance):
+        if x in ("auto", "off", "attn"):
+            balance.append(x)
+            continue
+        try:
+            v = float(x)
+        except ValueError:
+            v = float("nan")
+        if not (v > 0 and v < float("inf")):
+            raise UserError(f"--kv-balance must be 'auto', 'off', 'attn' or a positive number; "
+                            f"got {x!r}")
+        balance.append(v)
+    if not balance:
+        raise UserError("--kv-balance needs a value: auto, off or a positive number")
+    plan["balance"] = list(dict.fromkeys(balance))
+    proj = csv_list(args.proj or "k,v")
+    if sorted(set(proj)) not in (["k", "v"], ["k", "q", "v"]):
+        raise UserError(f"--proj with a KV budget must be k,v or q,k,v (K and V are what the "
+                        f"budget compresses); got {args.proj!r}")
+    plan["q_var"] = args.q_var if "q" in proj else None
+    plan["raw_budgets"] = csv_list(args.kv_budget if args.kv_budget is not None
+                                   else args.kv_budget_sweep)
+    if not plan["raw_budgets"]:
+        raise UserError("--kv-budget-sweep needs at least one budget in (0, 1]")
+    if args.save:
+        raise UserError("--save writes one --var or --rank setting; KV-budget rows are not saved")
+    plan["needs_calibration"] = ("activations" in plan["basis"]
+                                 and any(m in ("separate", "shared-kv") for m in modes))
+    return plan
+
+
+def check_budgets(plan: dict[str, Any], model) -> list[float]:
+    """The budget fractions, each in (0, 1] and no smaller than every mode
+    of the run can meet (one component per group and layer)."""
+    from .budget import QUANT_MODES, dense_kv_bytes, latent_bytes
+
+    c = model.config
+    smallest = 0.0
+    for mode in plan["modes"]:
+        if mode in QUANT_MODES:
+            continue
+        groups = 1 if mode == "shared-kv" else 2  # latents per layer
+        for basis in plan["basis"]:
+            mean_terms = 1 if basis == "weights" and plan["center"] else 0
+            for bits in plan["latent_bits"]:
+                b = groups * latent_bytes(1 + mean_terms, bits) * c.num_hidden_layers
+                smallest = max(smallest, b / dense_kv_bytes(c))
+    out = []
+    for raw in plan["raw_budgets"]:
+        try:
+            f = float(raw)
+        except ValueError:
+            f = float("nan")
+        if not (smallest <= f <= 1.0) or f <= 0.0:
+            raise UserError(f"KV budget {raw!r} is impossible for this model and these modes; "
+                            f"expected a fraction in [{smallest:.4g}, 1] (the smallest possible, "
+                            f"{smallest:.4g}, keeps one component per group and layer)")
+        out.append(f)
+    return out
+
+
 def parse_plan(args: argparse.Namespace) -> tuple[list[str], list[tuple[str, Any]]]:
     """The modes and the (kind, value) settings of a run, checked."""
     from .surgery import MODES
 
     modes = ([m.strip() for m in args.mode.split(",") if m.strip()] if args.mode
              else (["separate", "shared-kv"] if args.sweep else ["shared-kv"]))
+    args.proj = args.proj or "q,k,v"
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise UserError(f"--mode must be among {', '.join(MODES)}; got {args.mode!r}")
@@ -208,13 +351,18 @@ def check_inputs(args: argparse.Namespace) -> None:
     from .export import check_empty_or_new, check_writable
     from .threads import max_threads
 
-    if args.eval_text is not None:
-        from .checkpoints import check_regular_file
+    for path, what in ((args.eval_text, "--eval-text"), (args.calib_text, "--calib-text")):
+        if path is not None:
+            from .checkpoints import check_regular_file
 
-        try:
-            check_regular_file(args.eval_text, "--eval-text")
-        except (ValueError, FileNotFoundError) as e:
-            raise UserError(str(e)) from None
+            try:
+                check_regular_file(path, what)
+            except (ValueError, FileNotFoundError) as e:
+                raise UserError(str(e)) from None
+    if (args.eval_text is not None and args.calib_text is not None
+            and args.eval_text.resolve() == args.calib_text.resolve()):
+        raise UserError("--calib-text and --eval-text are the same file; calibration text must be "
+                        "separate from the eval text")
     if args.threads is not None and args.threads > max_threads():
         raise UserError(f"--threads {args.threads}: at most {max_threads()} (the MAX_THREADS "
                         "of pcasurgery's OpenBLAS build)")
@@ -259,21 +407,79 @@ def load_model(args: argparse.Namespace, say: Callable[..., None]):
     return model
 
 
-def eval_tokens(args: argparse.Namespace, model) -> tuple[Any, str]:
-    """The eval token ids (without BOS) and a description of them."""
+def text_documents(model, path: Path, what: str, cap: int) -> list[Any]:
+    """The documents of a text file (separated by <|endoftext|>; a plain
+    text is one), encoded without BOS, the first `cap` tokens in all."""
     import numpy as np
 
+    from .calibrate import split_documents
+    from .checkpoints import read_text_file
+
+    docs, have = [], 0
+    for d in split_documents(read_text_file(path, what)):
+        if have >= cap:
+            break
+        ids = model.tokenizer.encode(d, bos=False)[: cap - have]
+        if ids:
+            docs.append(np.asarray(ids, dtype=np.int64))
+            have += len(ids)
+    if not docs:
+        raise UserError(f"{what} {path} is empty")
+    return docs
+
+
+def eval_tokens(args: argparse.Namespace, model) -> tuple[dict[str, Any], str]:
+    """The Evaluator's input (tokens=..., or docs=... for a text whose
+    documents are separated by <|endoftext|>) and a description of it."""
+    from .calibrate import DOC_SEPARATOR
     from .checkpoints import read_text_file
     from .evaluate import default_eval_tokens
 
     if args.eval_text:
-        ids = model.tokenizer.encode(read_text_file(args.eval_text, "--eval-text"), bos=False)
-        if not ids:
-            raise UserError(f"--eval-text {args.eval_text} is empty")
-        tokens = np.asarray(ids[: args.eval_tokens])
-        return tokens, f"{args.eval_text} (first {len(tokens)} tokens)"
+        docs = text_documents(model, args.eval_text, "--eval-text", args.eval_tokens)
+        n = sum(len(d) for d in docs)
+        if DOC_SEPARATOR in read_text_file(args.eval_text, "--eval-text"):
+            return {"docs": docs}, (f"{args.eval_text} ({len(docs)} documents, {n} tokens, each "
+                                    "document scored from a BOS of its own)")
+        return {"tokens": docs[0]}, f"{args.eval_text} (first {n} tokens)"
     tokens = default_eval_tokens(model, args.eval_tokens, seed=args.seed)
-    return tokens, f"{len(tokens)} tokens sampled from the unmodified model (seed {args.seed})"
+    return {"tokens": tokens}, (f"{len(tokens)} tokens sampled from the unmodified model "
+                                f"(seed {args.seed})")
+
+
+def calibration(args: argparse.Namespace, model, say: Callable[..., None]):
+    """The calibration of the activation basis: --calib-text or text sampled
+    from the unmodified model, at most --calib-tokens tokens, cached."""
+    from .calibrate import (
+        CALIB_SEED_BASE,
+        DEFAULT_CALIB_TOKENS,
+        cache_dir,
+        cached_calibrate,
+        calibrate,
+        sampled_documents,
+    )
+
+    D = model.config.hidden_size
+    n = args.calib_tokens or max(DEFAULT_CALIB_TOKENS, D)
+    if n < D:
+        raise UserError(f"--calib-tokens {n} is below this model's hidden size {D}; expected at "
+                        f"least {D} (for a full-rank second moment of the attention input)")
+    if args.calib_text:
+        docs = text_documents(model, args.calib_text, "--calib-text", n)
+        have = sum(len(d) for d in docs)
+        if have < D:
+            raise UserError(f"--calib-text {args.calib_text} has {have} tokens; calibrating this "
+                            f"model needs at least {D} (its hidden size)")
+        source = f"{args.calib_text} (first {have} tokens, {len(docs)} documents)"
+    else:
+        t0 = time.perf_counter()
+        docs = sampled_documents(model, n, seed=args.seed)
+        source = (f"{n} tokens sampled from the unmodified model (seeds {CALIB_SEED_BASE + args.seed}"
+                  f"..., never the eval text's; {time.perf_counter() - t0:.1f} s to sample)")
+    if args.calib_cache == "off":
+        return calibrate(model, docs, source=source)
+    folder = Path(args.calib_cache) if args.calib_cache else cache_dir()
+    return cached_calibrate(model, docs, source, folder=folder)
 
 
 def check_rank(args: argparse.Namespace, model, modes: list[str]) -> None:
@@ -332,6 +538,8 @@ def save_setting(model, args, mode: str, setting: tuple[str, Any], fits: dict) -
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    if args.kv_budget is not None or args.kv_budget_sweep is not None:
+        return budget_main(args)
     modes, settings = parse_plan(args)
     check_inputs(args)
 
@@ -354,7 +562,7 @@ def _main(argv: list[str] | None) -> int:
     tokens, text_desc = eval_tokens(args, model)
     say(f"eval text: {text_desc}, windows of {n_ctx}")
     t0 = time.perf_counter()
-    ev = Evaluator(model, tokens, n_ctx=n_ctx)
+    ev = Evaluator(model, n_ctx=n_ctx, **tokens)
     say(f"unmodified: perplexity {ev.base_quality.perplexity:.3f} "
         f"({time.perf_counter() - t0:.1f} s per evaluation)")
     chat = is_chat_model(model) and args.prompt is None
@@ -388,6 +596,105 @@ def _main(argv: list[str] | None) -> int:
     if args.save:
         save_setting(model, args, modes[0], settings[0], fits)
         say(f"wrote the surgered model to {args.save}")
+    return 0
+
+
+def fmt_budget_table(rows: list[dict]) -> str:
+    head = (f"{'budget':>7}{'KV cache':>9}{'bytes/tok':>10}  {'setting':58}{'ranks mean [min-max]':>21}"
+            f"{'ppl':>9}{'KL':>9}{'top-1':>7}")
+    lines = [head, "-" * len(head)]
+    for r in sorted(rows, key=lambda r: (-r["budget"], r["kl"])):
+        flat = [k for x in r["ranks"] for k in (x if isinstance(x, list) else [x])]
+        if flat:
+            per = [sum(x) if isinstance(x, list) else x for x in r["ranks"]]
+            ranks = f"{sum(per) / len(per):.1f} [{min(per)}-{max(per)}]"
+        else:
+            ranks = "-"
+        lines.append(f"{r['budget']:>7.1%}{r['kv_fraction']:>9.1%}{r['kv_bytes_per_token']:>10.0f}  "
+                     f"{r['label'][:58]:58}{ranks:>21}{r['perplexity']:>9.3f}{r['kl']:>9.4f}"
+                     f"{r['top1']:>7.1%}")
+    return "\n".join(lines)
+
+
+def budget_csv(rows: list[dict]) -> str:
+    cols = ["mode", "basis", "alloc", "balance", "latent_bits", "quantizer", "quant_bits", "budget",
+            "kv_fraction", "kv_bytes_per_token", "kv_dense_bytes_per_token", "perplexity",
+            "base_perplexity", "kl", "top1", "eval_tokens", "q_var"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(cols + ["ranks", "alpha", "seconds_evaluate"])
+    for r in rows:
+        w.writerow([r[c] for c in cols] + [json.dumps(r["ranks"]),
+                                           json.dumps([a if a is None else round(a, 6)
+                                                       for a in r["alpha"]]),
+                                           r["seconds"]["evaluate"]])
+    return buf.getvalue()
+
+
+def budget_main(args: argparse.Namespace) -> int:
+    """The KV-budget run: every mode × basis × allocator × balance × latent
+    width at exactly equal KV-cache bytes, against the quantised caches."""
+    plan = parse_budget_plan(args)
+    plan["center"] = args.center
+    check_inputs(args)
+
+    from tqdm import tqdm
+
+    from . import set_num_threads
+    from .budget import Bases
+    from .evaluate import Evaluator
+    from .experiment import budget_summary, run_budget
+
+    def progress(it, **kw):
+        return tqdm(it, file=sys.stderr, delay=1.0, leave=False, **kw)
+
+    if args.threads:
+        set_num_threads(args.threads)
+    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    model = load_model(args, say)
+    budgets = check_budgets(plan, model)
+    n_ctx = min(512, model.n_ctx)
+    tokens, text_desc = eval_tokens(args, model)
+    say(f"eval text: {text_desc}, windows of {n_ctx}")
+    ev = Evaluator(model, n_ctx=n_ctx, **tokens)
+    say(f"unmodified: perplexity {ev.base_quality.perplexity:.3f}")
+    cal = None
+    if plan["needs_calibration"]:
+        cal = calibration(args, model, say)
+        say(f"calibration: {cal.describe()}")
+    bases = Bases(model, cal, center=args.center)
+    rows = run_budget(model, ev, bases, modes=plan["modes"], budgets=budgets, basis=plan["basis"],
+                      alloc=plan["alloc"], balance=plan["balance"], latent_bits=plan["latent_bits"],
+                      quantizers=plan["quantizers"], q_var=plan["q_var"], progress=progress)
+    summary = budget_summary(rows)
+    result = {"model": model.source, "eval_text": text_desc,
+              "calibration": cal.describe() if cal else None,
+              "dense_reference": "the model's own 16-bit K/V cache (2 bytes per value)",
+              "budgets": budgets, "modes": plan["modes"], "basis": plan["basis"],
+              "alloc": plan["alloc"], "balance": [str(b) for b in plan["balance"]],
+              "latent_bits": plan["latent_bits"], "center": args.center, "q_var": plan["q_var"],
+              "fits": bases.fit_count, "base_perplexity": ev.base_quality.perplexity,
+              "rows": rows, "summary": summary}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print()
+        print(fmt_budget_table(rows))
+        print("(KV cache: bytes per token against the model's dense 16-bit K/V cache, all layers; "
+              "K and V only" + (f", q_proj at var {plan['q_var']:g} in every row" if plan["q_var"]
+                                else "; q_proj untouched") +
+              "; KL: nats per token vs the unmodified model)")
+        for line in summary:
+            print("summary:", line)
+    if args.out:
+        from .export import staging_dir, write_json
+        from .plots import save_budget_plots
+
+        with staging_dir(args.out) as tmp:
+            write_json(tmp / "results.json", result)
+            (tmp / "results.csv").write_text(budget_csv(rows))
+            save_budget_plots(tmp, rows, f"{Path(model.source).name} — eval: {text_desc}")
+        say(f"wrote {args.out}/results.json, results.csv and quality_vs_kv_budget.png")
     return 0
 
 

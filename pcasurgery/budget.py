@@ -20,7 +20,10 @@ one of them):
   is the sum of the dropped eigenvalues.
 K/V balancing (TransMLA's balance_kv_ratio): K's rows are scaled by α before
 a shared fit and back after; α = "auto" equalises K's and V's energy in the
-basis's own metric (‖W‖² for weights, E‖W h‖² for activations).
+basis's own metric (‖W‖² for weights, E‖W h‖² for activations). "attn"
+(activations only) goes further: K's error is weighted by the query energy
+that meets each channel (its effect on the attention scores) and V's by
+o_proj (its effect on the layer output), then both are equalised.
 
 Allocators, all exact to one component per layer:
 - ``uniform``: the same budget in every layer; for separate bases the
@@ -200,7 +203,73 @@ class Bases:
             self.gram_count += 1
         return self._grams[key]
 
+    def _activation_basis(self, label: str, layer: int, names: list[str], a: float,
+                          W: list[np.ndarray], M: np.ndarray, Lm: np.ndarray) -> Basis:
+        """min E‖Lm (W − Ŵ) h‖² over rank r: P_r = the top eigenvectors of
+        Lm M Lmᵀ (M = W Σ Wᵀ), Ŵ = Lm⁻¹ P_r P_rᵀ Lm W."""
+        D = W[0].shape[1]
+        ML = Lm @ M @ Lm.T
+        vals, P = _C.sym_eig(ML)
+        r = min(len(vals), D)
+        vals, P = np.maximum(vals[:r], 0.0), P[:, :r]
+        Wst = np.concatenate(W, axis=0)
+        C = _C.pca_reconstruct((Lm.T @ P).T.astype(np.float32), Wst, np.zeros(D, np.float32))
+        U = np.linalg.solve(Lm, P).astype(np.float32)
+        Z, row = [], 0
+        for w in W:
+            Z.append(np.ascontiguousarray(U[row:row + w.shape[0]]))
+            row += w.shape[0]
+        return Basis(label, layer, list(names), "activations", a, vals, float(np.trace(ML)), C, Z,
+                     None, [1.0] * len(W))
+
+    def attn_metric(self, layer: int, names: list[str], M: np.ndarray) -> np.ndarray:
+        """The row metric of the "attn" balance, for a stacked [k; v] group:
+        K's error weighted by its effect on the attention scores (each RoPE
+        pair (i, i + hd/2) by the mean energy of the two query channels
+        that meet it, E[q²] = diag(W_q Σ W_qᵀ), over the query heads of
+        its KV head, / hd), V's by what o_proj makes of it (Σ_h W_o,hᵀ W_o,h
+        over those query heads, as a matrix square root); then K scaled so
+        that both carry equal energy, as "auto" does."""
+        assert self.calibration is not None
+        c = self.model.config
+        hd, H, KV = c.head_dim, c.num_attention_heads, c.num_key_value_heads
+        G, half = H // KV, hd // 2
+        Wq = self.model.weights[proj_name(layer, "q")]
+        Wo = self.model.weights[f"model.layers.{layer}.self_attn.o_proj.weight"].astype(np.float64)
+        S = self.calibration.sigma[layer]
+        eq = np.einsum("ij,jk,ik->i", Wq, S, Wq).reshape(KV, G, hd).sum(1)  # (KV, hd)
+        eq = (eq + np.roll(eq, half, axis=1)) / 2 / hd
+        lk = np.sqrt(np.maximum(eq.ravel(), 1e-30))
+        Lv = np.zeros((KV * hd, KV * hd))
+        for g in range(KV):
+            blk = Wo[:, g * G * hd:(g + 1) * G * hd].reshape(-1, G, hd)
+            Mg = np.einsum("dgi,dgj->ij", blk, blk)
+            ev, V = np.linalg.eigh(Mg)
+            ev = np.maximum(ev, ev.max() * 1e-8)
+            Lv[g * hd:(g + 1) * hd, g * hd:(g + 1) * hd] = (V * np.sqrt(ev)) @ V.T
+        n = KV * hd
+        ek = float(np.sum(lk[:, None] * M[:n, :n] * lk[None, :]))
+        ev_ = float(np.trace(Lv @ M[n:, n:] @ Lv.T))
+        a = np.sqrt(ev_ / ek) if ek > 0 and ev_ > 0 else 1.0
+        Lm = np.zeros((2 * n, 2 * n))
+        Lm[:n, :n] = np.diag(a * lk)
+        Lm[n:, n:] = Lv
+        return Lm
+
     def get(self, layer: int, names: list[str], basis: str, balance: str | float) -> Basis:
+        if balance == "attn":
+            if basis != "activations" or len(names) != 2:
+                raise ValueError("balance 'attn' needs the activations basis of a stacked k|v group")
+            a = float("nan")  # a full row metric, not one scale
+            key = (tuple(names), basis, False, "attn")
+            if key not in self._cache:
+                W = [self.model.weights[n] for n in names]
+                M = self._gram(layer, names)
+                kind = "|".join(n.split(".")[-2][0] for n in names)
+                self._cache[key] = self._activation_basis(f"L{layer} {kind}", layer, names, a, W, M,
+                                                          self.attn_metric(layer, names, M))
+                self.fit_count += 1
+            return self._cache[key]
         a = self.alpha(layer, names, basis, balance)
         key = (tuple(names), basis, self.center if basis == "weights" else False, a)
         if key in self._cache:
@@ -209,7 +278,6 @@ class Bases:
         scale = [a] + [1.0] * (len(W) - 1) if len(W) > 1 else [1.0]
         kind = "|".join(n.split(".")[-2][0] for n in names)
         label = f"L{layer} {kind}"
-        D = W[0].shape[1]
         if basis == "weights":
             mats = [w * np.float32(s) if s != 1.0 else w for w, s in zip(W, scale)]
             pca = StackedPCA(None, center=self.center).fit(mats)
@@ -219,22 +287,8 @@ class Bases:
                       float(vals.sum()), pca.components_, Z,
                       pca.mean_ if self.center else None, [1.0 / s for s in scale])
         else:
-            M = self._gram(layer, names)
-            s = np.concatenate([np.full(w.shape[0], sc) for w, sc in zip(W, scale)])
-            vals, P = _C.sym_eig(M * np.outer(s, s))
-            r = min(len(vals), D)
-            vals, P = np.maximum(vals[:r], 0.0), P[:, :r]
-            # down C = Pᵀ S W (r, D); up = S⁻¹ P, split by member
-            Wst = np.concatenate(W, axis=0)
-            C = _C.pca_reconstruct((P * s[:, None]).T.astype(np.float32), Wst,
-                                   np.zeros(D, np.float32))
-            U = (P / s[:, None]).astype(np.float32)
-            Z, row = [], 0
-            for w in W:
-                Z.append(np.ascontiguousarray(U[row:row + w.shape[0]]))
-                row += w.shape[0]
-            b = Basis(label, layer, list(names), basis, a, vals, float(np.trace(M * np.outer(s, s))),
-                      C, Z, None, [1.0] * len(W))
+            Lm = np.diag(np.concatenate([np.full(w.shape[0], sc) for w, sc in zip(W, scale)]))
+            b = self._activation_basis(label, layer, names, a, W, self._gram(layer, names), Lm)
         self.fit_count += 1
         self._cache[key] = b
         return b

@@ -138,7 +138,7 @@ def fingerprint(model: LlamaModel, docs: list[Any], n_ctx: int) -> str:
     for name in sorted(model.weights):
         a = model.weights[name]
         h.update(name.encode() + repr(a.shape).encode())
-        h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+        h.update(np.ascontiguousarray(a).data)
     for d in docs:
         h.update(np.asarray(d, dtype=np.int64).tobytes() + b"|")
     return h.hexdigest()

@@ -5,6 +5,7 @@ results.json / results.csv).
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -162,8 +163,16 @@ def run_budget(model: LlamaModel, evaluator: Evaluator, bases: Any, *, modes: It
     axis, the same in every row). Returns one dict row per setting.
 
     bases: a :class:`pcasurgery.budget.Bases` (its fits serve every row)."""
-    from .budget import (LATENT_MODES, QUANT_MODES, allocate, apply_latent, apply_quant,
-                         dense_kv_bytes, quant_kv_bytes, restore)
+    from .budget import (
+        LATENT_MODES,
+        QUANT_MODES,
+        allocate,
+        apply_latent,
+        apply_quant,
+        dense_kv_bytes,
+        quant_kv_bytes,
+        restore,
+    )
 
     c = model.config
     modes, basis, alloc = list(modes), list(basis), list(alloc)
@@ -183,6 +192,8 @@ def run_budget(model: LlamaModel, evaluator: Evaluator, bases: Any, *, modes: It
                              f"{', '.join(LATENT_MODES + tuple(QUANT_MODES))}")
         for b in basis:
             for bal in (balance if mode == "shared-kv" else ["off"]):
+                if bal == "attn" and b != "activations":
+                    continue  # the attention metric needs the calibration
                 for bits in latent_bits:
                     for a in alloc:
                         for f in points:
@@ -208,7 +219,8 @@ def run_budget(model: LlamaModel, evaluator: Evaluator, bases: Any, *, modes: It
                 al = allocate(groups, c, f, a, bits)
                 apply_latent(model, groups, al.ks, bits)
                 ranks = [ks[0] if len(ks) == 1 else list(ks) for ks in al.ks]
-                alphas = [layer[0].alpha for layer in groups] if mode == "shared-kv" else []
+                alphas = ([None if math.isnan(layer[0].alpha) else layer[0].alpha for layer in groups]
+                          if mode == "shared-kv" else [])
                 kv_bytes, target = al.bytes, f
             t_apply = time.perf_counter() - t0
             q = evaluator.evaluate()

@@ -113,6 +113,49 @@ def spectra(curves: dict[str, list[list[float]]], title: str) -> Figure:
     return fig
 
 
+def quality_vs_kv_budget(rows: list[dict], title: str) -> Figure:
+    """KL and perplexity against the achieved KV-cache fraction (bytes per
+    token / the dense 16-bit cache): one line per mode × basis × allocator
+    (× balance × latent width), the quantised caches as points."""
+    from .experiment import row_label
+
+    fig = Figure(figsize=(13, 5.2))
+    a, b = fig.subplots(1, 2)
+    lines: dict[str, list[dict]] = {}
+    for r in rows:
+        lines.setdefault(r.get("label") or row_label(r), []).append(r)
+    cmap = colormaps["tab20"]
+    for i, (label, rs) in enumerate(sorted(lines.items())):
+        rs = sorted(rs, key=lambda r: r["kv_fraction"])
+        x = [100 * r["kv_fraction"] for r in rs]
+        quant = bool(rs[0]["quantizer"])
+        style = dict(color="black" if quant else cmap(i % 20), lw=1.2,
+                     ls="none" if quant else ("-" if rs[0]["mode"] == "shared-kv" else "--"),
+                     marker=("*" if rs[0]["quantizer"] == "per-channel-k" else "P") if quant
+                     else ("s" if rs[0]["mode"] == "shared-kv" else "o"),
+                     ms=9 if quant else 4, label=label)
+        a.plot(x, [max(r["kl"], 1e-6) for r in rs], **style)
+        b.plot(x, [r["perplexity"] for r in rs], **style)
+    if rows:
+        b.axhline(rows[0]["base_perplexity"], color="black", ls=":", lw=1, label="unmodified")
+    a.set(xlabel="KV cache (% of the dense 16-bit cache, bytes per token)",
+          ylabel="KL(base ‖ compressed) per token (nats)", yscale="log",
+          title="divergence from the unmodified model")
+    b.set(xlabel="KV cache (% of the dense 16-bit cache, bytes per token)",
+          ylabel="perplexity on the eval text", yscale="log", title="perplexity")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    b.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def save_budget_plots(folder: Path, rows: list[dict], title: str) -> list[str]:
+    save_figure(quality_vs_kv_budget(rows, title), folder / "quality_vs_kv_budget.png")
+    return ["quality_vs_kv_budget.png"]
+
+
 def _setting(r: dict) -> str:
     return f"var {r['var']:g}" if r["var"] is not None else f"rank {r['rank']}"
 
