@@ -28,8 +28,15 @@ def read_llama2c(path):
     return dict(dim=dim, L=L, H=H, KV=KV, V=V, hd=hd), w
 
 
-def forward(cfg, w, tokens, eps=1e-5, theta=10000.0):
-    """Logits (T, V) in float64, run.c's math over a whole sequence."""
+def forward(cfg, w, tokens, eps=1e-5, theta=10000.0, capture=None, quant=None):
+    """Logits (T, V) in float64, run.c's math over a whole sequence.
+
+    capture: a list that receives each layer's attention input (after
+    RMSNorm), (T, dim). quant: (k_bits, v_bits, group, k_per_channel,
+    quantize) simulates a quantised cache: quantize(x (n, m), bits, group,
+    per_column) rounds post-RoPE K and V rows (per token, groups of `group`)
+    or, with k_per_channel, K per channel over complete groups of `group`
+    tokens, which a query sees quantised only before its own group (KIVI)."""
     T, hd, H, KV = len(tokens), cfg["hd"], cfg["H"], cfg["KV"]
     x = w["emb"][tokens]
 
@@ -50,13 +57,30 @@ def forward(cfg, w, tokens, eps=1e-5, theta=10000.0):
     mask = np.triu(np.full((T, T), -np.inf), 1)
     for l in range(cfg["L"]):
         xb = rms(x, w["rms_att"][l])
+        if capture is not None:
+            capture.append(xb)
         q = rope(xb @ w["wq"][l].T, H).reshape(T, H, hd)
-        k = rope(xb @ w["wk"][l].T, KV).reshape(T, KV, hd)
-        v = (xb @ w["wv"][l].T).reshape(T, KV, hd)
+        k2 = rope(xb @ w["wk"][l].T, KV)
+        v2 = xb @ w["wv"][l].T
+        kq2 = None
+        if quant is not None:
+            kb, vb, grp, per_channel, qz = quant
+            v2 = qz(v2, vb, grp, False)
+            if per_channel:
+                kq2 = k2.copy()
+                for g0 in range(0, T - T % grp, grp):
+                    kq2[g0:g0 + grp] = qz(k2[g0:g0 + grp], kb, grp, True)
+            else:
+                k2 = qz(k2, kb, grp, False)
+        k, v = k2.reshape(T, KV, hd), v2.reshape(T, KV, hd)
         out = np.empty((T, H, hd))
         for h in range(H):
             g = h // (H // KV)
             s = q[:, h] @ k[:, g].T / np.sqrt(hd) + mask
+            if kq2 is not None:  # columns of closed groups before each query's own
+                sq = q[:, h] @ kq2.reshape(T, KV, hd)[:, g].T / np.sqrt(hd) + mask
+                closed = np.arange(T)[None, :] < (np.arange(T) // quant[2] * quant[2])[:, None]
+                s = np.where(closed, sq, s)
             s = np.exp(s - s.max(-1, keepdims=True))
             s /= s.sum(-1, keepdims=True)
             out[:, h] = s @ v[:, g]
