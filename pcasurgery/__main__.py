@@ -297,12 +297,13 @@ def parse_budget_plan(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def check_budgets(plan: dict[str, Any], model) -> list[float]:
-    """The budget fractions, each in (0, 1] and no smaller than every mode
-    of the run can meet (one component per group and layer)."""
+    """The budget fractions, each in (0, 1] and no smaller than what the
+    most frugal setting of the run can meet (one component per group and
+    layer); settings that need more skip that budget, and say so."""
     from .budget import QUANT_MODES, dense_kv_bytes, latent_bytes
 
     c = model.config
-    smallest = 0.0
+    smallest = float("inf")
     for mode in plan["modes"]:
         if mode in QUANT_MODES:
             continue
@@ -311,7 +312,9 @@ def check_budgets(plan: dict[str, Any], model) -> list[float]:
             mean_terms = 1 if basis == "weights" and plan["center"] else 0
             for bits in plan["latent_bits"]:
                 b = groups * latent_bytes(1 + mean_terms, bits) * c.num_hidden_layers
-                smallest = max(smallest, b / dense_kv_bytes(c))
+                smallest = min(smallest, b / dense_kv_bytes(c))
+    if smallest == float("inf"):  # quantised modes only: their own sizes
+        smallest = 0.0
     out = []
     for raw in plan["raw_budgets"]:
         try:
@@ -663,9 +666,11 @@ def budget_main(args: argparse.Namespace) -> int:
         cal = calibration(args, model, say)
         say(f"calibration: {cal.describe()}")
     bases = Bases(model, cal, center=args.center)
+    skipped: list[str] = []
     rows = run_budget(model, ev, bases, modes=plan["modes"], budgets=budgets, basis=plan["basis"],
                       alloc=plan["alloc"], balance=plan["balance"], latent_bits=plan["latent_bits"],
-                      quantizers=plan["quantizers"], q_var=plan["q_var"], progress=progress)
+                      quantizers=plan["quantizers"], q_var=plan["q_var"], progress=progress,
+                      skipped=skipped)
     summary = budget_summary(rows)
     result = {"model": model.source, "eval_text": text_desc,
               "calibration": cal.describe() if cal else None,
@@ -674,7 +679,7 @@ def budget_main(args: argparse.Namespace) -> int:
               "alloc": plan["alloc"], "balance": [str(b) for b in plan["balance"]],
               "latent_bits": plan["latent_bits"], "center": args.center, "q_var": plan["q_var"],
               "fits": bases.fit_count, "base_perplexity": ev.base_quality.perplexity,
-              "rows": rows, "summary": summary}
+              "rows": rows, "summary": summary, "skipped": skipped}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -686,6 +691,8 @@ def budget_main(args: argparse.Namespace) -> int:
               "; KL: nats per token vs the unmodified model)")
         for line in summary:
             print("summary:", line)
+        for line in skipped:
+            print("skipped (below one component per group and layer):", line)
     if args.out:
         from .export import staging_dir, write_json
         from .plots import save_budget_plots

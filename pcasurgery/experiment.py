@@ -88,9 +88,11 @@ def run(model: LlamaModel, evaluator: Evaluator, modes: Iterable[str],
 
 
 def compare_at_equal_budget(rows: list[dict], key: str = "kv_ratio") -> list[str]:
-    """Sentences saying which mode has the lower KL at equal budget (`key`),
-    comparing each pair of modes wherever their budget ranges overlap (KL
-    interpolated log-linearly between a mode's own settings)."""
+    """Sentences saying which mode has the lower KL where two modes have
+    settings of exactly equal budget (`key`: kv_ratio or params_ratio).
+    Nothing is interpolated: variance thresholds give each mode its own
+    sizes, so they rarely meet, and the sentence then says so and points at
+    --kv-budget, which compares modes at exactly equal KV-cache bytes."""
     by: dict[str, list[dict]] = {}
     for r in rows:
         by.setdefault(r["mode"], []).append(r)
@@ -99,28 +101,24 @@ def compare_at_equal_budget(rows: list[dict], key: str = "kv_ratio") -> list[str
     what = "KV-cache size" if key == "kv_ratio" else "parameter budget"
     for i, a in enumerate(modes):
         for b in modes[i + 1:]:
-            ra = sorted(by[a], key=lambda r: r[key])
-            rb = sorted(by[b], key=lambda r: r[key])
-            xb = np.array([r[key] for r in rb])
-            lb = np.log(np.maximum([r["kl"] for r in rb], 1e-12))
             wins_a = wins_b = 0
-            for r in ra:
-                x = r[key]
-                if len(xb) < 2 or not xb[0] <= x <= xb[-1]:
-                    continue
-                kb = float(np.exp(np.interp(x, xb, lb)))
-                if r["kl"] < kb:
-                    wins_a += 1
-                elif kb < r["kl"]:
-                    wins_b += 1
+            for ra in by[a]:
+                for rb in by[b]:
+                    if not math.isclose(ra[key], rb[key], rel_tol=1e-9, abs_tol=1e-12):
+                        continue
+                    if ra["kl"] < rb["kl"]:
+                        wins_a += 1
+                    elif rb["kl"] < ra["kl"]:
+                        wins_b += 1
             n = wins_a + wins_b
             if n == 0:
-                out.append(f"{a} and {b}: their {what} ranges do not overlap; no comparison "
-                           "at equal budget")
+                hint = " (--kv-budget compares them at exactly equal size)" if key == "kv_ratio" else ""
+                out.append(f"{a} and {b}: no settings at exactly equal {what}, so no comparison; "
+                           f"nothing is interpolated{hint}")
             else:
-                w, l, nw = (a, b, wins_a) if wins_a >= wins_b else (b, a, wins_b)
-                out.append(f"at equal {what}, {w} has lower KL than {l} at {nw} of {n} "
-                           "comparable settings")
+                w, lo, nw = (a, b, wins_a) if wins_a >= wins_b else (b, a, wins_b)
+                out.append(f"at exactly equal {what}, {w} has lower KL than {lo} at {nw} of {n} "
+                           "pairs of settings")
     return out
 
 
@@ -155,17 +153,22 @@ def run_budget(model: LlamaModel, evaluator: Evaluator, bases: Any, *, modes: It
                latent_bits: Iterable[int] = (16,), quantizers: Iterable[str] = ("per-token",
                                                                                 "per-channel-k"),
                q_var: float | None = None,
-               progress: Callable[..., Any] | None = None) -> list[dict]:
+               progress: Callable[..., Any] | None = None,
+               skipped: list[str] | None = None) -> list[dict]:
     """Every latent mode × basis × allocator × balance × latent width at
     every budget (plus the quantised modes' own byte fractions), and every
     quantised mode × quantiser, each evaluated against the unmodified model.
     K and V only; q_proj too at variance threshold q_var when given (its own
     axis, the same in every row). Returns one dict row per setting.
 
-    bases: a :class:`pcasurgery.budget.Bases` (its fits serve every row)."""
+    bases: a :class:`pcasurgery.budget.Bases` (its fits serve every row).
+    skipped: a list that receives a sentence for every combination that
+    cannot meet a budget (fewer bytes than one component per group and
+    layer); it gets no row there."""
     from .budget import (
         LATENT_MODES,
         QUANT_MODES,
+        BudgetError,
         allocate,
         apply_latent,
         apply_quant,
@@ -216,7 +219,14 @@ def run_budget(model: LlamaModel, evaluator: Evaluator, bases: Any, *, modes: It
                 target = kv_bytes / dense
             else:
                 groups = bases.groups(mode, b, bal)
-                al = allocate(groups, c, f, a, bits)
+                try:
+                    al = allocate(groups, c, f, a, bits)
+                except BudgetError as e:
+                    if skipped is not None:
+                        label = row_label({"mode": mode, "basis": b, "alloc": a, "balance": bal,
+                                           "latent_bits": bits, "quantizer": None})
+                        skipped.append(f"{label} at {f:.1%}: needs at least {e.smallest:.1%}")
+                    continue
                 apply_latent(model, groups, al.ks, bits)
                 ranks = [ks[0] if len(ks) == 1 else list(ks) for ks in al.ks]
                 alphas = ([None if math.isnan(layer[0].alpha) else layer[0].alpha for layer in groups]

@@ -10,7 +10,7 @@ from conftest import SHARED, cli
 from llama_reference import forward as ref_forward
 from llama_reference import read_llama2c
 
-from pcasurgery import LlamaModel, _C
+from pcasurgery import _C, LlamaModel
 from pcasurgery import budget as B
 from pcasurgery import calibrate as cal
 from pcasurgery.evaluate import Evaluator, log_softmax, window_nll
@@ -483,8 +483,8 @@ def test_cli_budget_run(tmp_path):
     (["--kv-budget", "0"], "KV budget '0' is impossible"),
     (["--kv-budget", "1.5"], "KV budget '1.5' is impossible"),
     (["--kv-budget", "nan"], "KV budget 'nan' is impossible"),
-    (["--kv-budget", "0.01"], "the smallest possible, 0.09375"),
-    (["--kv-budget-sweep", "0.5,0.02"], "KV budget '0.02' is impossible"),
+    (["--kv-budget", "0.01"], "the smallest possible, 0.01562"),
+    (["--kv-budget-sweep", "0.5,0.015"], "KV budget '0.015' is impossible"),
     (["--kv-budget", "0.25", "--kv-balance", "0"], "--kv-balance must be 'auto', 'off', 'attn' or a positive number; got '0'"),
     (["--kv-budget", "0.25", "--kv-balance", "-2"], "got '-2'"),
     (["--kv-budget", "0.25", "--basis", "activations", "--calib-text", "/nonexistent/c.txt"], "--calib-text"),
@@ -502,10 +502,21 @@ def test_cli_budget_bad_input(tmp_path, args, message):
     assert len(lines) == 1 and lines[0].startswith("pcasurgery: error:")
     assert message in lines[0]
     if "impossible" in message or "smallest" in message:
-        # separate weight bases with an 8-bit latent (a default width): 2 values + a
-        # 4-byte group per latent, 2 latents per layer, 5 layers: 60 of 640 bytes
-        assert "the smallest possible, 0.09375" in lines[0]
+        # the most frugal setting: one shared 16-bit latent value per layer (an
+        # activation basis has no mean term), 2 bytes x 5 layers of 640
+        assert "the smallest possible, 0.01562" in lines[0]
     assert not out.exists()
+
+
+@needs_model
+def test_cli_budget_some_settings_cannot_meet(tmp_path):
+    """A budget that only some settings can meet: the others skip it, and say so."""
+    r = cli("--model", MODEL, "--kv-budget", "0.03", "--mode", "shared-kv,separate",
+            "--basis", "activations", "--latent-bits", "16", "--calib-cache", "off", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert {row["mode"] for row in res["rows"]} == {"shared-kv"}
+    assert res["skipped"] == ["separate activations greedy at 3.0%: needs at least 3.1%"]
 
 
 @needs_model
