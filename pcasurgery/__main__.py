@@ -458,7 +458,9 @@ def calibration(args: argparse.Namespace, model, say: Callable[..., None]):
         DEFAULT_CALIB_TOKENS,
         cache_dir,
         cached_calibrate,
+        cached_sampled_documents,
         calibrate,
+        model_fingerprint,
         sampled_documents,
     )
 
@@ -467,6 +469,9 @@ def calibration(args: argparse.Namespace, model, say: Callable[..., None]):
     if n < D:
         raise UserError(f"--calib-tokens {n} is below this model's hidden size {D}; expected at "
                         f"least {D} (for a full-rank second moment of the attention input)")
+    cache = None if args.calib_cache == "off" else (
+        Path(args.calib_cache) if args.calib_cache else cache_dir())
+    key = model_fingerprint(model) if cache is not None else None
     if args.calib_text:
         docs = text_documents(model, args.calib_text, "--calib-text", n)
         have = sum(len(d) for d in docs)
@@ -476,13 +481,16 @@ def calibration(args: argparse.Namespace, model, say: Callable[..., None]):
         source = f"{args.calib_text} (first {have} tokens, {len(docs)} documents)"
     else:
         t0 = time.perf_counter()
-        docs = sampled_documents(model, n, seed=args.seed)
+        if cache is not None:
+            docs, cached = cached_sampled_documents(model, n, args.seed, cache, key)
+        else:
+            docs, cached = sampled_documents(model, n, seed=args.seed), False
+        how = "from the cache" if cached else f"{time.perf_counter() - t0:.1f} s to sample"
         source = (f"{n} tokens sampled from the unmodified model (seeds {CALIB_SEED_BASE + args.seed}"
-                  f"..., never the eval text's; {time.perf_counter() - t0:.1f} s to sample)")
-    if args.calib_cache == "off":
+                  f"..., never the eval text's; {how})")
+    if cache is None:
         return calibrate(model, docs, source=source)
-    folder = Path(args.calib_cache) if args.calib_cache else cache_dir()
-    return cached_calibrate(model, docs, source, folder=folder)
+    return cached_calibrate(model, docs, source, folder=cache, model_key=key)
 
 
 def check_rank(args: argparse.Namespace, model, modes: list[str]) -> None:

@@ -130,45 +130,76 @@ def cache_dir() -> Path:
     return Path(base) / "pcasurgery"
 
 
-def fingerprint(model: LlamaModel, docs: list[Any], n_ctx: int) -> str:
-    """A hash of everything Σ depends on: the weights (all of them, bytes and
-    shapes), the calibration tokens and the window length."""
+def model_fingerprint(model: LlamaModel) -> str:
+    """A hash of the model's config and every weight (bytes and shapes)."""
     h = hashlib.blake2b(digest_size=20)
-    h.update(repr((sorted(vars(model.config).items()), n_ctx)).encode())
+    h.update(repr(sorted(vars(model.config).items())).encode())
     for name in sorted(model.weights):
         a = model.weights[name]
         h.update(name.encode() + repr(a.shape).encode())
         h.update(np.ascontiguousarray(a).data)
-    for d in docs:
-        h.update(np.asarray(d, dtype=np.int64).tobytes() + b"|")
     return h.hexdigest()
 
 
-def cached_calibrate(model: LlamaModel, docs: list[Any], source: str, n_ctx: int | None = None,
-                     folder: Path | None = None) -> Calibration:
-    """:func:`calibrate`, kept in `folder` (default :func:`cache_dir`) under
-    a fingerprint of the model and the tokens; folder=None with caching off
-    is :func:`calibrate` itself. A damaged cache file is recomputed."""
+def _key(*parts: Any) -> str:
+    h = hashlib.blake2b(digest_size=20)
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else repr(p).encode())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray] | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, KeyError, EOFError):
+        return None  # damaged: computed again
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     from .export import atomic_write_bytes
 
-    n_ctx = min(model.n_ctx, 2048) if n_ctx is None else n_ctx
-    folder = cache_dir() if folder is None else folder
-    path = folder / f"calib-{fingerprint(model, docs, n_ctx)}.npz"
-    if path.is_file():
-        try:
-            with np.load(path) as z:
-                cal = Calibration(z["sigma"], z["mean"], int(z["tokens"]), source, 0.0, True)
-            c = model.config
-            if cal.sigma.shape == (c.num_hidden_layers, c.hidden_size, c.hidden_size):
-                return cal
-        except (OSError, ValueError, KeyError):
-            pass  # damaged: compute it again
-    cal = calibrate(model, docs, n_ctx, source)
     buf = io.BytesIO()
-    np.savez(buf, sigma=cal.sigma, mean=cal.mean, tokens=cal.tokens)
+    np.savez(buf, **arrays)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, buf.getvalue())
     except OSError:
         pass  # an unwritable cache only costs the next run the time
+
+
+def cached_sampled_documents(model: LlamaModel, n_tokens: int, seed: int, folder: Path,
+                             model_key: str | None = None) -> tuple[list[np.ndarray], bool]:
+    """:func:`sampled_documents`, kept in `folder` (sampling N tokens decodes
+    N steps: minutes for a 1B model). Returns (docs, loaded from the cache)."""
+    model_key = model_key or model_fingerprint(model)
+    path = folder / f"sample-{_key(model_key, n_tokens, seed, CALIB_SEED_BASE)}.npz"
+    z = _load_npz(path)
+    if z is not None and "ids" in z and "lengths" in z and int(z["lengths"].sum()) == len(z["ids"]):
+        ends = np.cumsum(z["lengths"])
+        return [a.astype(np.int64) for a in np.split(z["ids"], ends[:-1])], True
+    docs = sampled_documents(model, n_tokens, seed)
+    _save_npz(path, ids=np.concatenate(docs), lengths=np.array([len(d) for d in docs]))
+    return docs, False
+
+
+def cached_calibrate(model: LlamaModel, docs: list[Any], source: str, n_ctx: int | None = None,
+                     folder: Path | None = None, model_key: str | None = None) -> Calibration:
+    """:func:`calibrate`, kept in `folder` (default :func:`cache_dir`) under
+    a hash of the model's weights, the tokens and the window length. A
+    damaged cache file is computed again."""
+    n_ctx = min(model.n_ctx, 2048) if n_ctx is None else n_ctx
+    folder = cache_dir() if folder is None else folder
+    toks = b"".join(np.asarray(d, dtype=np.int64).tobytes() + b"|" for d in docs)
+    path = folder / f"calib-{_key(model_key or model_fingerprint(model), toks, n_ctx)}.npz"
+    z = _load_npz(path)
+    c = model.config
+    if (z is not None and {"sigma", "mean", "tokens"} <= set(z)
+            and z["sigma"].shape == (c.num_hidden_layers, c.hidden_size, c.hidden_size)):
+        return Calibration(z["sigma"], z["mean"], int(z["tokens"]), source, 0.0, True)
+    cal = calibrate(model, docs, n_ctx, source)
+    _save_npz(path, sigma=cal.sigma, mean=cal.mean, tokens=np.array(cal.tokens))
     return cal

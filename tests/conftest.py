@@ -16,6 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PCASURGERY_SHARED", ROOT.parent / "shared"))
+# calibrations the tests compute are cached here, never in the user's ~/.cache
+os.environ.setdefault("PCASURGERY_CACHE", tempfile.mkdtemp(prefix="pcasurgery-test-cache-"))
 
 
 def pytest_sessionstart(session):

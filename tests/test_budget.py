@@ -446,6 +446,21 @@ def test_calibration_cache(model, tmp_path):
 
 
 @needs_model
+def test_cli_caches_the_sampled_text_and_the_calibration(tmp_path):
+    args = ["--model", MODEL, "--kv-budget", "0.25", "--mode", "shared-kv", "--basis", "activations",
+            "--latent-bits", "16", "--calib-cache", tmp_path / "cache", "--json"]
+    first = cli(*args)
+    second = cli(*args)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    a, b = json.loads(first.stdout), json.loads(second.stdout)
+    assert "s to sample" in a["calibration"] and "positions (0." in a["calibration"]
+    assert "from the cache" in b["calibration"] and "loaded from the cache" in b["calibration"]
+    assert [r["kl"] for r in a["rows"]] == [r["kl"] for r in b["rows"]]
+    assert len(list((tmp_path / "cache").glob("sample-*.npz"))) == 1
+    assert len(list((tmp_path / "cache").glob("calib-*.npz"))) == 1
+
+
+@needs_model
 def test_calibration_never_samples_the_eval_seeds(model):
     from pcasurgery.evaluate import default_eval_tokens
 
