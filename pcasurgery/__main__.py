@@ -109,8 +109,10 @@ def build_parser() -> Parser:
     kv.add_argument("--alloc", default="greedy",
                     help="rank allocators, comma-separated among uniform (the same latent size "
                          "in every layer), variance (one global variance threshold, the "
-                         "original experiment's rule) and greedy (water-filling on each "
-                         "component's reconstruction error, default)")
+                         "original experiment's rule), greedy (water-filling on each "
+                         "component's reconstruction error, default) and sensitivity (greedy "
+                         "weighted by each group's measured KL on the calibration text: one "
+                         "extra evaluation per group)")
     kv.add_argument("--basis", default="weights,activations",
                     help="K/V bases, comma-separated: weights (PCA of the weight rows) and/or "
                          "activations (calibrated: PCA of the K/V outputs on calibration text); "
@@ -291,8 +293,9 @@ def parse_budget_plan(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError("--kv-budget-sweep needs at least one budget in (0, 1]")
     if args.save:
         raise UserError("--save writes one --var or --rank setting; KV-budget rows are not saved")
-    plan["needs_calibration"] = ("activations" in plan["basis"]
-                                 and any(m in ("separate", "shared-kv") for m in modes))
+    latent = any(m in ("separate", "shared-kv") for m in modes)
+    plan["needs_calibration"] = latent and ("activations" in plan["basis"]
+                                            or "sensitivity" in plan["alloc"])
     return plan
 
 
@@ -451,8 +454,9 @@ def eval_tokens(args: argparse.Namespace, model) -> tuple[dict[str, Any], str]:
 
 
 def calibration(args: argparse.Namespace, model, say: Callable[..., None]):
-    """The calibration of the activation basis: --calib-text or text sampled
-    from the unmodified model, at most --calib-tokens tokens, cached."""
+    """The calibration of the activation basis and its documents: --calib-text
+    or text sampled from the unmodified model, at most --calib-tokens tokens,
+    cached."""
     from .calibrate import (
         CALIB_SEED_BASE,
         DEFAULT_CALIB_TOKENS,
@@ -489,8 +493,8 @@ def calibration(args: argparse.Namespace, model, say: Callable[..., None]):
         source = (f"{n} tokens sampled from the unmodified model (seeds {CALIB_SEED_BASE + args.seed}"
                   f"..., never the eval text's; {how})")
     if cache is None:
-        return calibrate(model, docs, source=source)
-    return cached_calibrate(model, docs, source, folder=cache, model_key=key)
+        return calibrate(model, docs, source=source), docs
+    return cached_calibrate(model, docs, source, folder=cache, model_key=key), docs
 
 
 def check_rank(args: argparse.Namespace, model, modes: list[str]) -> None:
@@ -669,11 +673,24 @@ def budget_main(args: argparse.Namespace) -> int:
     say(f"eval text: {text_desc}, windows of {n_ctx}")
     ev = Evaluator(model, n_ctx=n_ctx, **tokens)
     say(f"unmodified: perplexity {ev.base_quality.perplexity:.3f}")
-    cal = None
+    cal = probe = None
     if plan["needs_calibration"]:
-        cal = calibration(args, model, say)
+        cal, calib_docs = calibration(args, model, say)
         say(f"calibration: {cal.describe()}")
-    bases = Bases(model, cal, center=args.center)
+        if "sensitivity" in plan["alloc"]:
+            from .calibrate import document_windows
+
+            # the sensitivity probe: the first 1024 calibration tokens, never the eval text
+            probe_docs, have = [], 0
+            for d in calib_docs:
+                if have >= 1024:
+                    break
+                probe_docs.append(d[: 1024 - have])
+                have += len(probe_docs[-1])
+            probe = Evaluator(model, n_ctx=n_ctx, docs=probe_docs)
+            say(f"sensitivity probe: {have} calibration tokens in "
+                f"{len(document_windows(probe_docs, model.config.bos_token_id, n_ctx))} windows")
+    bases = Bases(model, cal, center=args.center, probe=probe)
     skipped: list[str] = []
     rows = run_budget(model, ev, bases, modes=plan["modes"], budgets=budgets, basis=plan["basis"],
                       alloc=plan["alloc"], balance=plan["balance"], latent_bits=plan["latent_bits"],
@@ -686,7 +703,8 @@ def budget_main(args: argparse.Namespace) -> int:
               "budgets": budgets, "modes": plan["modes"], "basis": plan["basis"],
               "alloc": plan["alloc"], "balance": [str(b) for b in plan["balance"]],
               "latent_bits": plan["latent_bits"], "center": args.center, "q_var": plan["q_var"],
-              "fits": bases.fit_count, "base_perplexity": ev.base_quality.perplexity,
+              "fits": bases.fit_count, "sensitivity_probes": bases.probe_count,
+              "base_perplexity": ev.base_quality.perplexity,
               "rows": rows, "summary": summary, "skipped": skipped}
     if args.json:
         print(json.dumps(result, indent=2))

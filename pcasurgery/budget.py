@@ -34,7 +34,12 @@ Allocators, all exact to one component per layer:
 - ``greedy``: water-filling over all layers: keep the components whose
   removal would cost the most, by Eckart–Young's error (each eigenvalue, in
   the basis's metric: calibration-weighted for ``activations``), normalised
-  by its group's total so that layers compare.
+  by its group's total so that layers compare;
+- ``sensitivity``: greedy with each group's normalised error weighted by a
+  measured sensitivity (Fisher-style, one probe per group): the KL on the
+  calibration text when that group alone is cut to half its components,
+  per unit of its normalised error. Costs one evaluation of the probe text
+  per group, once per basis.
 """
 from __future__ import annotations
 
@@ -57,7 +62,7 @@ LATENT_MODES = ("separate", "shared-kv")
 QUANT_MODES = {"kv-int8": 8, "kv-int4": 4, "kv-int3": 3, "kv-int2": 2}
 BUDGET_MODES = LATENT_MODES + tuple(QUANT_MODES)
 BASES = ("weights", "activations")
-ALLOCS = ("uniform", "variance", "greedy")
+ALLOCS = ("uniform", "variance", "greedy", "sensitivity")
 QUANTIZERS = ("per-token", "per-channel-k")
 QUANT_GROUP = 32    # values per quantisation group (tokens per group for per-channel K)
 DENSE_BYTES = 2     # the reference cache holds 16-bit values
@@ -150,12 +155,15 @@ class Bases:
     use it. ``fit_count`` counts the decompositions."""
 
     def __init__(self, model: LlamaModel, calibration: Calibration | None = None,
-                 center: bool = True) -> None:
+                 center: bool = True, probe: Any = None) -> None:
         self.model = model
         self.calibration = calibration
         self.center = bool(center)
+        self.probe = probe  # an Evaluator on calibration text, for alloc "sensitivity"
         self.fit_count = 0
         self.gram_count = 0
+        self.probe_count = 0
+        self._sens: dict[tuple, list[list[float]]] = {}
         self._grams: dict[tuple, np.ndarray] = {}
         self._cache: dict[tuple, Basis] = {}
 
@@ -174,6 +182,40 @@ class Bases:
                 out.append([self.get(layer, [k, v], basis, balance)])
             else:
                 out.append([self.get(layer, [k], basis, 1.0), self.get(layer, [v], basis, 1.0)])
+        return out
+
+    def sensitivity(self, mode: str, basis: str, balance: str | float = "auto",
+                    ks: list[list[int]] | None = None) -> list[list[float]]:
+        """Per layer and group: the KL on the probe (calibration) text when
+        that group alone keeps ks[layer][group] components (default half of
+        them), divided by its normalised error there; measured once per
+        (mode, basis, balance, ks)."""
+        key = (mode, basis, balance, None if ks is None else tuple(map(tuple, ks)))
+        if key in self._sens:
+            return self._sens[key]
+        if self.probe is None:
+            raise ValueError("alloc 'sensitivity' needs a probe evaluator on calibration text")
+        groups = self.groups(mode, basis, balance)
+        out = []
+        m = self.model
+        for li, layer in enumerate(groups):
+            row = []
+            for gi, g in enumerate(layer):
+                k = max(1, g.max_k // 2) if ks is None else ks[li][gi]
+                rel = g.error(k) / g.total if g.total > 0 else 0.0
+                originals = {n: m.weights[n] for n in g.names}
+                with m.lock:
+                    try:
+                        for n, R in zip(g.names, g.reconstruct(k)):
+                            m.set_weight(n, R, check_finite=False)
+                        kl = self.probe.evaluate().kl
+                    finally:
+                        for n, W in originals.items():
+                            m.set_weight(n, W, check_finite=False)
+                self.probe_count += 1
+                row.append(max(kl, 0.0) / rel if rel > 0 else 0.0)
+            out.append(row)
+        self._sens[key] = out
         return out
 
     def alpha(self, layer: int, names: list[str], basis: str, balance: str | float) -> float:
@@ -322,12 +364,16 @@ def smallest_fraction(groups: Sequence[Sequence[Basis]], config: Any, bits: int 
 
 
 def allocate(groups: Sequence[Sequence[Basis]], config: Any, fraction: float, alloc: str,
-             bits: int = 16) -> Allocation:
+             bits: int = 16, sensitivity: Sequence[Sequence[float]] | None = None) -> Allocation:
     """Components per group such that the latent cache takes at most
     `fraction` of the dense 16-bit cache (bytes per token), within one
-    component of it per layer; at least one component per group."""
+    component of it per layer; at least one component per group.
+    sensitivity: per layer and group, the weights of alloc "sensitivity"
+    (:meth:`Bases.sensitivity`)."""
     if alloc not in ALLOCS:
         raise ValueError(f"alloc must be one of {', '.join(ALLOCS)}; got {alloc!r}")
+    if alloc == "sensitivity" and sensitivity is None:
+        raise ValueError("alloc 'sensitivity' needs the measured sensitivities")
     if not (isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0):
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
     dense = dense_kv_bytes(config)
@@ -343,10 +389,14 @@ def allocate(groups: Sequence[Sequence[Basis]], config: Any, fraction: float, al
 
     used = sum(size(li, gi, 1) for li, layer in enumerate(groups) for gi in range(len(layer)))
 
-    def order_key(g: Basis, j: int) -> float:
+    def order_key(li: int, gi: int, j: int) -> float:
+        g = groups[li][gi]
         rel = g.values / g.total if g.total > 0 else np.zeros_like(g.values)
         if alloc == "variance":  # kept iff the cumulative fraction before j is <= t
             return float(rel[:j].sum())
+        if alloc == "sensitivity":
+            assert sensitivity is not None
+            return -float(sensitivity[li][gi] * rel[j])
         return -float(rel[j])    # greedy / uniform: the largest error weight first
 
     def take(items: Iterable[tuple[float, int, int, int]], budget: float, spent: float) -> float:
@@ -365,7 +415,7 @@ def allocate(groups: Sequence[Sequence[Basis]], config: Any, fraction: float, al
         for li in layers:
             for gi, g in enumerate(groups[li]):
                 for j in range(1, g.max_k):
-                    out.append((order_key(g, j), li, gi, j))
+                    out.append((order_key(li, gi, j), li, gi, j))
         return out
 
     if alloc == "uniform":

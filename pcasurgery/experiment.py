@@ -220,7 +220,11 @@ def run_budget(model: LlamaModel, evaluator: Evaluator, bases: Any, *, modes: It
             else:
                 groups = bases.groups(mode, b, bal)
                 try:
-                    al = allocate(groups, c, f, a, bits)
+                    sens = None
+                    if a == "sensitivity":  # measured where the uniform split would be
+                        u = allocate(groups, c, f, "uniform", bits)
+                        sens = bases.sensitivity(mode, b, bal, u.ks)
+                    al = allocate(groups, c, f, a, bits, sens)
                 except BudgetError as e:
                     if skipped is not None:
                         label = row_label({"mode": mode, "basis": b, "alloc": a, "balance": bal,

@@ -307,7 +307,8 @@ def test_budget_holds_for_every_mode_basis_allocator(model, calibration, bits):
         for basis in B.BASES:
             groups = bases.groups(mode, basis)
             for alloc in B.ALLOCS:
-                al = B.allocate(groups, c, 0.25, alloc, bits)
+                sens = [[1.0 + li] * len(layer) for li, layer in enumerate(groups)]
+                al = B.allocate(groups, c, 0.25, alloc, bits, sens)
                 assert al.bytes <= 0.25 * dense + 1e-9
                 assert 0.25 * dense - al.bytes <= c.num_hidden_layers * one, (mode, basis, alloc)
                 assert al.fraction == pytest.approx(al.bytes / dense)
@@ -331,9 +332,34 @@ def test_greedy_minimises_the_summed_normalised_error(model, calibration):
             return sum(g.error(k) / g.total for layer, kl in zip(groups, ks) for g, k in zip(layer, kl))
 
         for f in (0.5, 0.25, 0.125):
-            got = {a: cost(B.allocate(groups, model.config, f, a).ks) for a in B.ALLOCS}
+            got = {a: cost(B.allocate(groups, model.config, f, a).ks)
+                   for a in ("uniform", "variance", "greedy")}
             assert got["greedy"] <= got["uniform"] + 1e-12
             assert got["greedy"] <= got["variance"] + 1e-12
+
+
+@needs_model
+def test_sensitivity_allocator(model, calibration, eval_docs):
+    groups = B.Bases(model, calibration).groups("shared-kv", "activations")
+    ones = [[1.0] for _ in groups]
+    assert (B.allocate(groups, model.config, 0.25, "sensitivity", sensitivity=ones).ks
+            == B.allocate(groups, model.config, 0.25, "greedy").ks)
+    heavy = [[1.0], [1.0], [50.0], [1.0], [1.0]]
+    ks = B.allocate(groups, model.config, 0.25, "sensitivity", sensitivity=heavy).ks
+    assert ks[2][0] > B.allocate(groups, model.config, 0.25, "greedy").ks[2][0]
+    with pytest.raises(ValueError, match="needs the measured sensitivities"):
+        B.allocate(groups, model.config, 0.25, "sensitivity")
+    probe = Evaluator(model, docs=cal.sampled_documents(model, 300, seed=7), n_ctx=512)
+    bases = B.Bases(model, calibration, probe=probe)
+    exact = model.logits(np.array([1, 5, 6]))
+    sens = bases.sensitivity("separate", "activations", "off")
+    assert bases.probe_count == 10 and len(sens) == 5 and all(len(r) == 2 for r in sens)
+    assert all(x > 0 for r in sens for x in r)
+    bases.sensitivity("separate", "activations", "off")  # measured once
+    assert bases.probe_count == 10
+    np.testing.assert_array_equal(model.logits(np.array([1, 5, 6])), exact)
+    with pytest.raises(ValueError, match="needs a probe evaluator"):
+        B.Bases(model, calibration).sensitivity("shared-kv", "activations")
 
 
 @needs_model
@@ -376,7 +402,8 @@ def test_budget_sweep_reuses_one_fit_per_group(model, calibration, eval_docs):
     exact = model.logits(np.array([1, 50, 60, 70]))
     rows = run_budget(model, ev, bases, modes=["separate", "shared-kv", "kv-int4"],
                       budgets=[0.5, 0.25, 0.125], basis=["weights", "activations"],
-                      alloc=list(B.ALLOCS), balance=["auto", "off"], latent_bits=[16, 8])
+                      alloc=["uniform", "variance", "greedy"], balance=["auto", "off"],
+                      latent_bits=[16, 8])
     L = model.config.num_hidden_layers
     # separate: k and v per layer and basis; shared: per layer, basis and balance
     assert bases.fit_count == 2 * L * 2 + L * 2 * 2
@@ -503,7 +530,7 @@ def test_cli_budget_run(tmp_path):
     (["--kv-budget", "0.25", "--kv-balance", "0"], "--kv-balance must be 'auto', 'off', 'attn' or a positive number; got '0'"),
     (["--kv-budget", "0.25", "--kv-balance", "-2"], "got '-2'"),
     (["--kv-budget", "0.25", "--basis", "activations", "--calib-text", "/nonexistent/c.txt"], "--calib-text"),
-    (["--kv-budget", "0.25", "--alloc", "best"], "--alloc must be among uniform, variance, greedy"),
+    (["--kv-budget", "0.25", "--alloc", "best"], "--alloc must be among uniform, variance, greedy, sensitivity"),
     (["--kv-budget", "0.25", "--mode", "seed"], "--mode (with a KV budget) must be among"),
     (["--kv-budget", "0.25", "--proj", "q"], "--proj with a KV budget must be k,v or q,k,v"),
     (["--kv-budget", "0.25", "--latent-bits", "12"], "--latent-bits must be among"),
