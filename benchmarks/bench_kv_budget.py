@@ -127,15 +127,18 @@ def quality(name: str, calib_tokens: int, out: Path | None) -> dict:
           f"in that setting greedy {fmt(g['kl'])} vs uniform {fmt(u['kl'])} "
           f"({g['kl'] / u['kl']:.3f}x)")
 
-    print("\nAllocators (calibrated shared, balance auto, 16-bit latent):\n")
-    print("| budget | uniform | variance | greedy |")
-    print("|---|---|---|---|")
-    for f in budgets:
-        at = [r for r in rows if round(r["budget"], 6) == f]
-        cells = [best(at, mode="shared-kv", basis="activations", balance="auto", latent_bits=16,
-                      alloc=a) for a in B.ALLOCS]
-        if all(cells):
-            print(f"| {f:.1%} | " + " | ".join(fmt(x["kl"]) for x in cells) + " |")
+    for mode in ("shared-kv", "separate"):
+        bal = "auto" if mode == "shared-kv" else "off"
+        print(f"\nAllocators ({mode}, calibrated, 16-bit latent"
+              + (", balance auto" if mode == "shared-kv" else "") + "):\n")
+        print("| budget | " + " | ".join(B.ALLOCS) + " |")
+        print("|---" * (len(B.ALLOCS) + 1) + "|")
+        for f in budgets:
+            at = [r for r in rows if round(r["budget"], 6) == f]
+            cells = [best(at, mode=mode, basis="activations", balance=bal, latent_bits=16, alloc=a)
+                     for a in B.ALLOCS]
+            if all(cells):
+                print(f"| {f:.1%} | " + " | ".join(fmt(x["kl"]) for x in cells) + " |")
     print("\nK/V balance (calibrated shared, greedy, 16-bit latent; weight-only: off / auto):\n")
     print("| budget | act. off | act. auto | act. attn | weights off | weights auto |")
     print("|---|---|---|---|---|---|")
@@ -146,18 +149,24 @@ def quality(name: str, calib_tokens: int, out: Path | None) -> dict:
                                 ("weights", "off"), ("weights", "auto"))]
         if all(cells):
             print(f"| {f:.1%} | " + " | ".join(fmt(x["kl"]) for x in cells) + " |")
-    print("\nQuantisation against rank reduction at equal bytes:\n")
-    print("| bytes | quantised cache (per token / per-channel K) | best rank reduction | ratio |")
-    print("|---|---|---|---|")
+    print("\nQuantisation against rank reduction at equal bytes (ratio: KL over the better "
+          "quantised cache's):\n")
+    print("| bytes | quantised K/V: per token / per-channel K | best 16-bit latent | ratio "
+          "| best int8/int4 latent | ratio |")
+    print("|---|---|---|---|---|---|")
     for f in budgets:
         at = [r for r in rows if round(r["budget"], 6) == f]
         qs = {r["quantizer"]: r for r in at if r["quantizer"]}
-        lat = best(at, quantizer=None)
-        if qs and lat:
+        l16 = best(at, quantizer=None, latent_bits=16)
+        lq = best(at, quantizer=None, latent_bits=[8, 4])
+        if qs:
             qb = min(qs.values(), key=lambda r: r["kl"])
-            print(f"| {f:.1%} ({qb['mode']}) | {fmt(qs['per-token']['kl'])} / "
-                  f"{fmt(qs['per-channel-k']['kl'])} | {lat['label']}: {fmt(lat['kl'])} | "
-                  f"{lat['kl'] / qb['kl']:.2f}x |")
+            cells = [f"{f:.1%} ({qb['mode']})",
+                     f"{fmt(qs['per-token']['kl'])} / {fmt(qs['per-channel-k']['kl'])}"]
+            for lat in (l16, lq):
+                cells += (["-", "-"] if lat is None else
+                          [f"{lat['label']}: {fmt(lat['kl'])}", f"{lat['kl'] / qb['kl']:.2f}x"])
+            print("| " + " | ".join(cells) + " |")
     print("\nSummary (pcasurgery's own):")
     for line in budget_summary(rows):
         print("  " + line)

@@ -258,13 +258,17 @@ def run_budget(model: LlamaModel, evaluator: Evaluator, bases: Any, *, modes: It
 
 def budget_summary(rows: list[dict]) -> list[str]:
     """Sentences: at each budget the best combination and its margin over the
-    runner-up; shared vs separate latents at their best; and whether rank
-    reduction beats quantisation anywhere at equal bytes."""
+    runner-up; shared vs separate latents at their best; at the quantised
+    caches' own sizes, quantisation against rank reduction at equal bytes;
+    and, plainly, whether rank reduction (16-bit latents) or a quantised
+    latent beats quantising K and V anywhere on the curve."""
     out = []
     by: dict[float, list[dict]] = {}
     for r in rows:
         by.setdefault(round(r["budget"], 6), []).append(r)
-    rank_wins, quant_points = [], 0
+    rank_wins: list[str] = []
+    qlat_wins: list[str] = []
+    points = 0
     for f in sorted(by, reverse=True):
         rs = sorted(by[f], key=lambda r: r["kl"])
         best = rs[0]
@@ -283,14 +287,25 @@ def budget_summary(rows: list[dict]) -> list[str]:
             out.append(f"  {w['mode']} beats {lo['mode']} at their best: KL {w['kl']:.4g} vs "
                        f"{lo['kl']:.4g} ({lo['kl'] / max(w['kl'], 1e-300):.2f}x)")
         qs = [r for r in rs if r["quantizer"]]
-        lat = [r for r in rs if not r["quantizer"]]
-        if qs and lat:
-            quant_points += 1
-            if lat[0]["kl"] < qs[0]["kl"]:
-                rank_wins.append(f"{f:.1%}")
-            out.append(f"  at equal bytes: best quantisation {qs[0]['label']} KL {qs[0]['kl']:.4g}"
-                       f", best rank reduction {lat[0]['label']} KL {lat[0]['kl']:.4g}")
-    if quant_points:
-        out.append("rank reduction beats quantisation at equal bytes: " +
-                   (", ".join(rank_wins) if rank_wins else f"nowhere (0 of {quant_points} points)"))
+        r16 = [r for r in rs if not r["quantizer"] and r["latent_bits"] >= 16]
+        rq = [r for r in rs if not r["quantizer"] and r["latent_bits"] < 16]
+        if qs and (r16 or rq):
+            points += 1
+            parts = [f"quantised K/V {qs[0]['label']} KL {qs[0]['kl']:.4g}"]
+            if r16:
+                parts.append(f"rank reduction {r16[0]['label']} KL {r16[0]['kl']:.4g}")
+                if r16[0]["kl"] < qs[0]["kl"]:
+                    rank_wins.append(f"{f:.1%}")
+            if rq:
+                parts.append(f"quantised latent {rq[0]['label']} KL {rq[0]['kl']:.4g}")
+                if rq[0]["kl"] < qs[0]["kl"]:
+                    qlat_wins.append(f"{f:.1%}")
+            out.append("  at equal bytes: " + "; ".join(parts))
+    if points:
+        out.append("rank reduction alone (16-bit latents) beats quantising K and V at equal bytes: "
+                   + (", ".join(rank_wins) if rank_wins else f"nowhere (0 of {points} points)"))
+        if any(not r["quantizer"] and r["latent_bits"] < 16 for r in rows):
+            out.append("a quantised latent (rank reduction + quantisation) beats quantising K and V "
+                       "at equal bytes: " + (", ".join(qlat_wins) if qlat_wins
+                                             else f"nowhere (0 of {points} points)"))
     return out

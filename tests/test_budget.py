@@ -420,7 +420,8 @@ def test_budget_sweep_reuses_one_fit_per_group(model, calibration, eval_docs):
     # the model is exactly what it was
     np.testing.assert_array_equal(model.logits(np.array([1, 50, 60, 70])), exact)
     summary = budget_summary(rows)
-    assert any(s.startswith("rank reduction beats quantisation at equal bytes") for s in summary)
+    assert any(s.startswith("rank reduction alone (16-bit latents) beats quantising K and V") for s in summary)
+    assert any(s.startswith("a quantised latent (rank reduction + quantisation) beats") for s in summary)
     assert sum(s.startswith("at ") for s in summary) == 4
 
 
@@ -517,7 +518,7 @@ def test_cli_budget_run(tmp_path):
     assert res["dense_reference"].startswith("the model's own 16-bit")
     assert (out / "quality_vs_kv_budget.png").stat().st_size > 10_000
     assert (out / "results.csv").read_text().count("\n") == len(rows) + 1
-    assert any("rank reduction beats quantisation" in s for s in res["summary"])
+    assert any("rank reduction alone (16-bit latents) beats quantising K and V" in s for s in res["summary"])
 
 
 @needs_model
