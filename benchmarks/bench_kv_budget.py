@@ -70,15 +70,17 @@ def best(rows, **match):
 
 def quality(name: str, calib_tokens: int, out: Path | None) -> dict:
     from pcasurgery import budget as B
-    from pcasurgery.calibrate import calibrate, sampled_documents
+    from pcasurgery.calibrate import calibrate, first_tokens, sampled_documents
     from pcasurgery.evaluate import Evaluator
     from pcasurgery.experiment import budget_summary, run_budget
 
     model, ev_in, ev_desc = load(name)
     c = model.config
     ev = Evaluator(model, n_ctx=512, **ev_in)
-    cal = calibrate(model, sampled_documents(model, calib_tokens), source="sampled")
-    bases = B.Bases(model, cal)
+    docs = sampled_documents(model, calib_tokens)
+    cal = calibrate(model, docs, source="sampled")
+    # the sensitivity allocator's probe: the first 1024 calibration tokens (as the CLI)
+    bases = B.Bases(model, cal, probe=Evaluator(model, n_ctx=512, docs=first_tokens(docs, 1024)))
     t0 = time.perf_counter()
     skipped: list[str] = []
     rows = run_budget(model, ev, bases, modes=MODES, budgets=BUDGETS, basis=list(B.BASES),

@@ -104,3 +104,21 @@ int pcs_sym_eig(double *vals, double *vecs, const double *A, size_t n)
     }
     return PCS_OK;
 }
+
+void pcs_symmetrize_upper(double *S, size_t n, double scale)
+{
+    enum { TILE = 64 };
+    for (size_t bi = 0; bi < n; bi += TILE) {
+        const size_t ei = bi + TILE < n ? bi + TILE : n;
+        for (size_t bj = bi; bj < n; bj += TILE) {
+            const size_t ej = bj + TILE < n ? bj + TILE : n;
+            for (size_t i = bi; i < ei; i++) {
+                for (size_t j = (bj > i ? bj : i); j < ej; j++) {
+                    const double v = S[i * n + j] * scale;
+                    S[i * n + j] = v;
+                    S[j * n + i] = v;
+                }
+            }
+        }
+    }
+}

@@ -287,12 +287,14 @@ static void softmax_causal(float *att, size_t T, size_t C, size_t P)
     }
 }
 
-/* sigma_l (D, D) += xb^T xb (upper triangle), sum_l (D) += the rows of xb (T, D). */
+/* sigma_l (D, D) += xb^T xb (its upper triangle), sum_l (D) += the rows of
+ * xb (T, D). A full sgemm: OpenBLAS's ssyrk measured ~3x slower here. */
 static void calib_accumulate(PcsLlamaState *s, const float *xb, size_t T, size_t D, size_t l)
 {
     float *tmp = s->calib_tmp; /* (D, D) */
-    pcs_cblas_ssyrk(PcsRowMajor, PcsUpper, PcsTrans, (pcs_blasint)D, (pcs_blasint)T, 1.0f, xb,
-                    (pcs_blasint)D, 0.0f, tmp, (pcs_blasint)D);
+    pcs_cblas_sgemm(PcsRowMajor, PcsTrans, PcsNoTrans, (pcs_blasint)D, (pcs_blasint)D,
+                    (pcs_blasint)T, 1.0f, xb, (pcs_blasint)D, xb, (pcs_blasint)D, 0.0f, tmp,
+                    (pcs_blasint)D);
     double *sg = s->calib_sigma + l * D * D, *sm = s->calib_sum + l * D;
     for (size_t i = 0; i < D; i++)
         for (size_t j = i; j < D; j++)

@@ -1398,6 +1398,38 @@ static PyObject *weighted_gram(PyObject *module, PyObject *args)
     return (PyObject *)M;
 }
 
+PyDoc_STRVAR(symmetrize_upper_doc,
+"symmetrize_upper($module, S, scale, /)\n"
+"--\n"
+"\n"
+"In place, for a writable C-contiguous float64 array S of shape (..., n, n):\n"
+"each matrix's upper triangle (diagonal included) times scale, mirrored into\n"
+"its lower triangle.");
+
+static PyObject *symmetrize_upper(PyObject *module, PyObject *args)
+{
+    PyObject *obj;
+    double scale;
+    if (!PyArg_ParseTuple(args, "Od:symmetrize_upper", &obj, &scale))
+        return NULL;
+    PyArrayObject *a = (PyArrayObject *)obj;
+    if (!PyArray_Check(obj) || PyArray_TYPE(a) != NPY_FLOAT64 || !PyArray_IS_C_CONTIGUOUS(a) ||
+        !PyArray_ISWRITEABLE(a) || !PyArray_ISALIGNED(a) || !PyArray_ISNOTSWAPPED(a) ||
+        PyArray_NDIM(a) < 2 || PyArray_DIM(a, PyArray_NDIM(a) - 1) != PyArray_DIM(a, PyArray_NDIM(a) - 2)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "S must be a writable C-contiguous float64 array of shape (..., n, n)");
+        return NULL;
+    }
+    const size_t n = (size_t)PyArray_DIM(a, PyArray_NDIM(a) - 1);
+    const size_t count = n ? (size_t)PyArray_SIZE(a) / (n * n) : 0;
+    double *p = (double *)PyArray_DATA(a);
+    Py_BEGIN_ALLOW_THREADS
+    for (size_t m = 0; m < count; m++)
+        pcs_symmetrize_upper(p + m * n * n, n, scale);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(sym_eig_doc,
 "sym_eig($module, A, /)\n"
 "--\n"
@@ -1564,6 +1596,7 @@ static PyMethodDef methods[] = {
     {"to_float32", to_float32, METH_VARARGS, to_float32_doc},
     {"weighted_gram", weighted_gram, METH_VARARGS, weighted_gram_doc},
     {"sym_eig", sym_eig, METH_O, sym_eig_doc},
+    {"symmetrize_upper", symmetrize_upper, METH_VARARGS, symmetrize_upper_doc},
     {"fake_quant", fake_quant, METH_VARARGS, fake_quant_doc},
     {"set_num_threads", set_num_threads, METH_O,
      "set_num_threads($module, n, /)\n--\n\nThreads of pcasurgery's own OpenBLAS."},

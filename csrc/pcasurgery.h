@@ -200,6 +200,9 @@ void pcs_fake_quant_cols(float *x, size_t T, size_t n, size_t ld, int bits);
  * Σ (d, d) symmetric. PCS_ERR_NONFINITE with *where for a NaN/Inf in W. */
 int pcs_weighted_gram(double *M, const PcsMatrix *mats, size_t n_mats, size_t d,
                       const double *sigma, PcsWhere *where);
+/* S (n, n) in place: the upper triangle (diagonal included) times scale,
+ * mirrored into the lower one. */
+void pcs_symmetrize_upper(double *S, size_t n, double scale);
 /* Eigen-decomposition of symmetric A (n, n) (upper triangle read):
  * vals (n) descending, vecs (n, n) row-major whose column i is the
  * eigenvector of vals[i], its largest-magnitude entry positive. */

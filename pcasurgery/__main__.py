@@ -678,15 +678,11 @@ def budget_main(args: argparse.Namespace) -> int:
         cal, calib_docs = calibration(args, model, say)
         say(f"calibration: {cal.describe()}")
         if "sensitivity" in plan["alloc"]:
-            from .calibrate import document_windows
+            from .calibrate import document_windows, first_tokens
 
             # the sensitivity probe: the first 1024 calibration tokens, never the eval text
-            probe_docs, have = [], 0
-            for d in calib_docs:
-                if have >= 1024:
-                    break
-                probe_docs.append(d[: 1024 - have])
-                have += len(probe_docs[-1])
+            probe_docs = first_tokens(calib_docs, 1024)
+            have = sum(len(d) for d in probe_docs)
             probe = Evaluator(model, n_ctx=n_ctx, docs=probe_docs)
             say(f"sensitivity probe: {have} calibration tokens in "
                 f"{len(document_windows(probe_docs, model.config.bos_token_id, n_ctx))} windows")

@@ -202,7 +202,13 @@ class Bases:
             row = []
             for gi, g in enumerate(layer):
                 k = max(1, g.max_k // 2) if ks is None else ks[li][gi]
+                # a group that keeps (nearly) everything has no error to measure
+                # against: probe it where it loses something
+                k = min(k, max(1, g.max_k - 1))
                 rel = g.error(k) / g.total if g.total > 0 else 0.0
+                if rel <= 1e-9:
+                    row.append(float("nan"))
+                    continue
                 originals = {n: m.weights[n] for n in g.names}
                 with m.lock:
                     try:
@@ -213,8 +219,12 @@ class Bases:
                         for n, W in originals.items():
                             m.set_weight(n, W, check_finite=False)
                 self.probe_count += 1
-                row.append(max(kl, 0.0) / rel if rel > 0 else 0.0)
+                row.append(max(kl, 0.0) / rel)
             out.append(row)
+        # a group with nothing to measure (an exact low-rank one) weighs as the median
+        med = float(np.nanmedian([x for r in out for x in r])) if any(
+            not math.isnan(x) for r in out for x in r) else 1.0
+        out = [[med if math.isnan(x) else x for x in r] for r in out]
         self._sens[key] = out
         return out
 

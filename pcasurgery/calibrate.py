@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import _C
+
 if TYPE_CHECKING:
     from .model import LlamaModel
 
@@ -55,6 +57,17 @@ def sampled_documents(model: LlamaModel, n_tokens: int, seed: int = 0) -> list[n
         elif s - CALIB_SEED_BASE - seed > 1000:
             raise ValueError("the model ends every sample at once; give --calib-text")
     return docs
+
+
+def first_tokens(docs: list[Any], n: int) -> list[np.ndarray]:
+    """The first n tokens of a list of documents, as documents."""
+    out, have = [], 0
+    for d in docs:
+        if have >= n:
+            break
+        out.append(np.asarray(d, dtype=np.int64)[: n - have])
+        have += len(out[-1])
+    return [d for d in out if len(d)]
 
 
 def document_windows(docs: list[Any], bos: int, n_ctx: int) -> list[np.ndarray]:
@@ -113,9 +126,7 @@ def calibrate(model: LlamaModel, docs: list[Any], n_ctx: int | None = None,
             model._rt.calibrate(w, sigma, sums)
             count += len(w)
         model._rt.reset()
-    upper = np.triu(sigma)
-    sigma = upper + np.transpose(np.triu(sigma, 1), (0, 2, 1))
-    sigma /= count
+    _C.symmetrize_upper(sigma, 1.0 / count)  # the C pass fills the upper triangles
     return Calibration(sigma, sums / count, count, source, time.perf_counter() - t0)
 
 

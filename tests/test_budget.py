@@ -591,3 +591,17 @@ def test_cli_calibration_text_longer_than_the_context(tmp_path):
     # 1500 tokens of one document in windows of 511 + BOS: 3 windows, 1503 positions
     assert "first 1500 tokens, 1 documents" in res["calibration"]
     assert ": 1503 positions" in res["calibration"]
+
+
+@needs_model
+def test_cli_budget_with_q_on_its_own_axis():
+    """q_proj is untouched with a KV budget unless --proj names it; then it is
+    compressed at --q-var in every row, and the rows say so."""
+    base = ["--model", MODEL, "--kv-budget", "0.5", "--mode", "kv-int8", "--json"]
+    plain = json.loads(cli(*base).stdout)
+    withq = json.loads(cli(*base, "--proj", "q,k,v", "--q-var", "0.9").stdout)
+    assert plain["q_var"] is None and withq["q_var"] == 0.9
+    assert all(r["q_var"] == 0.9 for r in withq["rows"])
+    for a, b in zip(plain["rows"], withq["rows"]):
+        assert b["kl"] > a["kl"] + 0.01  # Q's own loss on top of the cache's
+        assert b["kv_fraction"] == a["kv_fraction"]
