@@ -5,7 +5,7 @@ text, and what calibration costs against a prefill.
 
 Protocol (issue #10):
 - stories260K, eval = ../shared/data/tinystories_sample.txt scored per
-  document (a BOS each); the demo model, eval = the first 4088 tokens of its
+  document (a BOS each); the demo model, eval = the first 2044 tokens of its
   held-out novel (persuasion.txt, in ../shared/data/austen), windows of 511
   tokens after a BOS;
 - calibration = text sampled from the unmodified model (seeds 1,000,000+),
@@ -24,7 +24,7 @@ Cost: on the TinyLlama-1.1B-shaped random checkpoint of bench_forward.py,
 calibration over N tokens against one prefill of the same N tokens with our
 forward pass (only the last row's logits, as generation's prefill), best of 3.
 
-Usage: python benchmarks/bench_kv_budget.py [--threads 2] [--out DIR] [--skip-cost]
+Usage: python benchmarks/bench_kv_budget.py [--threads 2] [--out DIR] [--part quality,calib,cost]
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def load(name: str):
         return m, {"docs": docs}, f"tinystories_sample.txt, {len(docs)} documents, per document"
     m = ps.LlamaModel.from_pretrained("demo")
     ids = m.tokenizer.encode((SHARED / "data" / "austen" / "persuasion.txt").read_text(), bos=False)
-    return m, {"tokens": np.asarray(ids[:4088])}, "persuasion.txt (held out), first 4088 tokens"
+    return m, {"tokens": np.asarray(ids[:2044])}, "persuasion.txt (held out), first 2044 tokens"
 
 
 def fmt(x: float) -> str:
@@ -260,7 +260,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="rows (JSON) and plots go here")
     ap.add_argument("--calib-tokens", type=int, default=2048)
-    ap.add_argument("--skip-cost", action="store_true")
+    ap.add_argument("--part", default="quality,calib,cost",
+                    help="which parts to run (the cost part times a prefill: run it alone on a "
+                         "quiet machine)")
     ap.add_argument("--workdir", type=Path,
                     default=Path(os.environ.get("TMPDIR", "/tmp")) / "pcasurgery-bench" / "tinyllama-random")
     args = ap.parse_args()
@@ -268,11 +270,14 @@ def main() -> None:
 
     ps.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    for name in ("stories260K", "demo"):
-        quality(name, args.calib_tokens, args.out)
-    for name in ("stories260K", "demo"):
-        calib_sweep(name)
-    if not args.skip_cost:
+    parts = set(args.part.split(","))
+    if "quality" in parts:
+        for name in ("stories260K", "demo"):
+            quality(name, args.calib_tokens, args.out)
+    if "calib" in parts:
+        for name in ("stories260K", "demo"):
+            calib_sweep(name)
+    if "cost" in parts:
         cost(args.threads, args.workdir)
     print(f"\n(one run, {time.perf_counter() - t0:.0f} s in all)")
 

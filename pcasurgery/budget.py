@@ -83,12 +83,17 @@ def dense_kv_bytes(config: Any) -> float:
     return DENSE_BYTES * 2 * config.kv_dim * config.num_hidden_layers
 
 
-def quant_kv_bytes(config: Any, bits: int, group: int = QUANT_GROUP) -> float:
-    """Bytes per token of a K/V cache quantised to `bits` in groups of
-    `group` (per token along a row, or, for per-channel K, per channel over
-    `group` tokens: the same bytes when kv_dim is a multiple of group)."""
-    per_layer = 2 * (config.kv_dim * bits / 8 + GROUP_BYTES * math.ceil(config.kv_dim / group))
-    return per_layer * config.num_hidden_layers
+def quant_kv_bytes(config: Any, bits: int, quantizer: str = "per-token",
+                   group: int = QUANT_GROUP) -> float:
+    """Bytes per token of a K/V cache quantised to `bits`: per token, each
+    row of kv_dim values in groups of `group` (the last one shorter) with a
+    float16 scale and minimum per group; with "per-channel-k", K's scale and
+    minimum are per channel and per `group` tokens (kv_dim x 4 / group bytes
+    per token, amortised) and V stays per token."""
+    D = config.kv_dim
+    per_token = D * bits / 8 + GROUP_BYTES * math.ceil(D / group)
+    k = D * bits / 8 + GROUP_BYTES * D / group if quantizer == "per-channel-k" else per_token
+    return (k + per_token) * config.num_hidden_layers
 
 
 # -------------------------------------------------------------------- bases

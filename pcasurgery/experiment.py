@@ -134,7 +134,8 @@ def row_label(r: dict) -> str:
     return f"{r['mode']} {r['basis']} {r['alloc']}{bal}{bits}"
 
 
-def budget_points(config: Any, budgets: Iterable[float], modes: Iterable[str]) -> list[float]:
+def budget_points(config: Any, budgets: Iterable[float], modes: Iterable[str],
+                  quantizers: Iterable[str] = ("per-token", "per-channel-k")) -> list[float]:
     """The budgets latent modes are evaluated at: the given ones plus the
     exact byte fraction of every quantised mode in `modes` (so that rank
     reduction and quantisation meet at equal bytes), descending."""
@@ -143,7 +144,8 @@ def budget_points(config: Any, budgets: Iterable[float], modes: Iterable[str]) -
     pts = {round(float(b), 12) for b in budgets}
     for m in modes:
         if m in QUANT_MODES:
-            pts.add(round(quant_kv_bytes(config, QUANT_MODES[m]) / dense_kv_bytes(config), 12))
+            for q in quantizers:
+                pts.add(round(quant_kv_bytes(config, QUANT_MODES[m], q) / dense_kv_bytes(config), 12))
     return sorted((p for p in pts if p <= 1.0), reverse=True)
 
 
@@ -180,7 +182,7 @@ def run_budget(model: LlamaModel, evaluator: Evaluator, bases: Any, *, modes: It
     c = model.config
     modes, basis, alloc = list(modes), list(basis), list(alloc)
     balance, latent_bits, quantizers = list(balance), list(latent_bits), list(quantizers)
-    points = budget_points(c, budgets, modes)
+    points = budget_points(c, budgets, modes, quantizers)
     originals = {n: model.weights[n] for layer in range(c.num_hidden_layers)
                  for n in (proj_name(layer, "k"), proj_name(layer, "v"))}
     dense = dense_kv_bytes(c)
@@ -215,7 +217,7 @@ def run_budget(model: LlamaModel, evaluator: Evaluator, bases: Any, *, modes: It
                 apply_quant(model, bits, quantizer)
                 ranks: list = []
                 alphas: list = []
-                kv_bytes = quant_kv_bytes(c, bits)
+                kv_bytes = quant_kv_bytes(c, bits, quantizer)
                 target = kv_bytes / dense
             else:
                 groups = bases.groups(mode, b, bal)

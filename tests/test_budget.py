@@ -391,6 +391,17 @@ def test_byte_accounting():
     assert B.latent_bytes(33, 8) == 33 + 2 * 4
     assert B.latent_bytes(33, 16) == 66
     assert budget_points(C, [0.5, 0.25], ["kv-int4", "shared-kv"]) == [0.5, 0.3125, 0.25]
+    # kv_dim not a multiple of the group (the demo model: 16): per-channel K
+    # pays 4 bytes per channel and 32 tokens, less than a 16-value row group
+
+    class Small:
+        kv_dim, num_hidden_layers = 16, 8
+
+    dense = B.dense_kv_bytes(Small)
+    assert B.quant_kv_bytes(Small, 4) == 8 * 2 * (8 + 4)
+    assert B.quant_kv_bytes(Small, 4, "per-channel-k") == 8 * ((8 + 16 * 4 / 32) + (8 + 4))
+    assert budget_points(Small, [0.5], ["kv-int4"]) == [0.5, 0.375, 22 / 64]
+    assert dense == 512
 
 
 # ------------------------------------------------------------- the runs
