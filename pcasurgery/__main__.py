@@ -551,19 +551,12 @@ def save_setting(model, args, mode: str, setting: tuple[str, Any], fits: dict) -
         s.restore()
 
 
-def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.kv_budget is not None or args.kv_budget_sweep is not None:
-        return budget_main(args)
-    modes, settings = parse_plan(args)
-    check_inputs(args)
-
+def start_run(args: argparse.Namespace) -> tuple[Callable[..., Any], Callable[..., None], Any]:
+    """Threads, the progress bars, where messages go (stderr with --json),
+    and the model: (progress, say, model)."""
     from tqdm import tqdm
 
     from . import set_num_threads
-    from .evaluate import Evaluator
-    from .experiment import compare_at_equal_budget, run
-    from .lookup import DEMO_MODEL_DIR
 
     def progress(it, **kw):
         return tqdm(it, file=sys.stderr, delay=1.0, leave=False, **kw)
@@ -571,7 +564,21 @@ def _main(argv: list[str] | None) -> int:
     if args.threads:
         set_num_threads(args.threads)
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    model = load_model(args, say)
+    return progress, say, load_model(args, say)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.kv_budget is not None or args.kv_budget_sweep is not None:
+        return budget_main(args)
+    modes, settings = parse_plan(args)
+    check_inputs(args)
+
+    from .evaluate import Evaluator
+    from .experiment import compare_at_equal_budget, run
+    from .lookup import DEMO_MODEL_DIR
+
+    progress, say, model = start_run(args)
     check_rank(args, model, modes)
     n_ctx = min(512, model.n_ctx)
     tokens, text_desc = eval_tokens(args, model)
@@ -653,20 +660,11 @@ def budget_main(args: argparse.Namespace) -> int:
     plan["center"] = args.center
     check_inputs(args)
 
-    from tqdm import tqdm
-
-    from . import set_num_threads
     from .budget import Bases
     from .evaluate import Evaluator
     from .experiment import budget_summary, run_budget
 
-    def progress(it, **kw):
-        return tqdm(it, file=sys.stderr, delay=1.0, leave=False, **kw)
-
-    if args.threads:
-        set_num_threads(args.threads)
-    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    model = load_model(args, say)
+    progress, say, model = start_run(args)
     budgets = check_budgets(plan, model)
     n_ctx = min(512, model.n_ctx)
     tokens, text_desc = eval_tokens(args, model)
