@@ -154,6 +154,11 @@ class Basis:
         return float(self.values[k:].sum())
 
 
+def _label(layer: int, names: list[str]) -> str:
+    """A group's label, e.g. "L3 k|v" for layer 3's stacked k_proj and v_proj."""
+    return f"L{layer} " + "|".join(n.split(".")[-2][0] for n in names)
+
+
 class Bases:
     """Builds and keeps the bases of a model's K/V groups: each (group,
     basis, balance) is fitted once, whatever the budgets and allocators that
@@ -322,9 +327,8 @@ class Bases:
             if key not in self._cache:
                 W = [self.model.weights[n] for n in names]
                 M = self._gram(layer, names)
-                kind = "|".join(n.split(".")[-2][0] for n in names)
-                self._cache[key] = self._activation_basis(f"L{layer} {kind}", layer, names, a, W, M,
-                                                          self.attn_metric(layer, names, M))
+                self._cache[key] = self._activation_basis(_label(layer, names), layer, names, a, W,
+                                                          M, self.attn_metric(layer, names, M))
                 self.fit_count += 1
             return self._cache[key]
         a = self.alpha(layer, names, basis, balance)
@@ -333,8 +337,7 @@ class Bases:
             return self._cache[key]
         W = [self.model.weights[n] for n in names]
         scale = [a] + [1.0] * (len(W) - 1) if len(W) > 1 else [1.0]
-        kind = "|".join(n.split(".")[-2][0] for n in names)
-        label = f"L{layer} {kind}"
+        label = _label(layer, names)
         if basis == "weights":
             mats = [w * np.float32(s) if s != 1.0 else w for w, s in zip(W, scale)]
             pca = StackedPCA(None, center=self.center).fit(mats)
