@@ -163,8 +163,11 @@ def quality(name: str, calib_tokens: int, out: Path | None) -> dict:
         lq = best(at, quantizer=None, latent_bits=[8, 4])
         if qs:
             qb = min(qs.values(), key=lambda r: r["kl"])
+            # per-channel K has other byte sizes than per-token groups when
+            # kv_dim < the group: a budget can have only one of them
             cells = [f"{f:.1%} ({qb['mode']})",
-                     f"{fmt(qs['per-token']['kl'])} / {fmt(qs['per-channel-k']['kl'])}"]
+                     " / ".join(fmt(qs[q]["kl"]) if q in qs else "-"
+                                for q in ("per-token", "per-channel-k"))]
             for lat in (l16, lq):
                 cells += (["-", "-"] if lat is None else
                           [f"{lat['label']}: {fmt(lat['kl'])}", f"{lat['kl'] / qb['kl']:.2f}x"])
