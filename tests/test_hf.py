@@ -148,14 +148,17 @@ def test_bad_folders(tmp_path, checkpoints):
         d.update(changes)
         (m / "config.json").write_text(json.dumps(d))
 
-    with_config(rope_scaling={"rope_type": "linear", "factor": 2.0})
-    with pytest.raises(ValueError, match="rope scaling .* is not supported"):
+    with_config(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ValueError, match="RoPE type 'dynamic' is not supported; supported: "
+                                         "default, llama3, linear"):
         LlamaModel.from_pretrained(m)
     with_config(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0})
-    with pytest.raises(ValueError, match="rope scaling .* is not supported"):
+    with pytest.raises(ValueError, match="RoPE type 'yarn' is not supported"):
         LlamaModel.from_pretrained(m)
-    with_config(architectures=["MistralForCausalLM"])
-    with pytest.raises(ValueError, match="architecture .* is not supported"):
+    with_config(architectures=["GemmaForCausalLM"])
+    with pytest.raises(ValueError, match="architecture GemmaForCausalLM is not supported; "
+                                         "supported: LlamaForCausalLM, MistralForCausalLM, "
+                                         "Qwen2ForCausalLM"):
         LlamaModel.from_pretrained(m)
     with_config(intermediate_size=200)
     with pytest.raises(ValueError, match=r"has shape \[176, 64\] but config.json implies \[200, 64\]"):
@@ -225,6 +228,11 @@ def test_tokenizer_json_folder(tmp_path, checkpoints):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(["the cat sat on the mat", "a dog ran in the park"] * 50, trainer)
     tk.save(str(m / "tokenizer.json"))
+    # no post-processor and no tokenizer_config.json: no BOS, as transformers' tokenizer
+    model = LlamaModel.from_pretrained(m)
+    assert not model.tokenizer.add_bos and model.tokenizer.encode("the cat")[0] != 1
+    (m / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
     model = LlamaModel.from_pretrained(m)
     ids = model.tokenizer.encode("the cat ran")
     assert ids[0] == 1 and model.tokenizer.decode(ids) == "the cat ran"
