@@ -267,3 +267,19 @@ def test_surgery_and_save_load_back_in_transformers(checkpoints, key, tmp_path):
     assert_logits_close(after, hf_logits(ref, np.arange(3, 40)))
     back = LlamaModel.from_pretrained(out)
     assert back.config == m.config
+
+
+def test_cli_kv_budget_on_qwen2_says_what_biases_cost(checkpoints, tmp_path):
+    """The equal-budget run works on a model with biases and says that the
+    latent cache needs no bytes for them; --save writes a Qwen2 folder."""
+    from conftest import cli
+
+    folder, _ = checkpoints["qwen2", "f32", False]
+    text = tmp_path / "eval.txt"
+    text.write_text("the cat sat on the mat. " * 40)
+    r = cli("--model", folder, "--kv-budget", "0.5", "--mode", "shared-kv,kv-int8",
+            "--basis", "weights,activations", "--calib-tokens", "128", "--eval-tokens", "96",
+            "--max-new-tokens", "0", env={"PCASURGERY_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    assert "biases: k_proj and v_proj biases stay dense and exact" in r.stdout
+    assert "shared-kv activations greedy balance=auto" in r.stdout
