@@ -162,10 +162,12 @@ int pcs_llama_state_init(PcsLlamaState *s, const PcsLlamaConfig *c, size_t max_b
     s->block = block;
     s->max_batch = B;
     s->n_cached = 0;
-    /* Hugging Face's rotary table: inv_freq_i = theta^(-2i/hd) in float32,
-     * angle = pos * inv_freq_i as a float32 product, then cos/sin. */
+    /* Hugging Face's rotary table: inv_freq_i = theta^(-2i/hd) in float32
+     * (or the config's scaled frequencies), angle = pos * inv_freq_i as a
+     * float32 product, then cos/sin. */
     for (size_t i = 0; i < half; i++) {
-        float inv_freq = (float)(1.0 / pow(c->rope_theta, (double)(2 * i) / (double)c->head_dim));
+        float inv_freq = c->rope_inv_freq ? c->rope_inv_freq[i]
+                         : (float)(1.0 / pow(c->rope_theta, (double)(2 * i) / (double)c->head_dim));
         for (size_t pos = 0; pos < S; pos++) {
             float angle = (float)pos * inv_freq;
             s->rope_cos[pos * half + i] = (float)cos((double)angle);
@@ -265,26 +267,41 @@ static void rope_forward(float *v, const PcsLlamaState *s, size_t T, size_t P, s
     }
 }
 
-/* Causal softmax of att (T, C) rows in place: row t sees columns <= P + t. */
-static void softmax_causal(float *att, size_t T, size_t C, size_t P)
+/* Causal softmax of att (T, C) rows in place: row t sees columns <= P + t,
+ * and with a sliding window W > 0 only the last W of them (columns
+ * > P + t - W, as transformers' sliding_window_overlay). */
+static void softmax_causal(float *att, size_t T, size_t C, size_t P, size_t W)
 {
     for (size_t t = 0; t < T; t++) {
         float *a = att + t * C;
-        size_t n = P + t + 1; /* visible columns */
-        float mx = a[0];
-        for (size_t j = 1; j < n; j++)
+        const size_t n = P + t + 1; /* visible columns: lo..n-1 */
+        const size_t lo = W && n > W ? n - W : 0;
+        float mx = a[lo];
+        for (size_t j = lo + 1; j < n; j++)
             mx = a[j] > mx ? a[j] : mx;
         double sum = 0.0;
-        for (size_t j = 0; j < n; j++) {
+        for (size_t j = lo; j < n; j++) {
             a[j] = expf(a[j] - mx);
             sum += a[j];
         }
         float inv = (float)(1.0 / sum);
-        for (size_t j = 0; j < n; j++)
+        for (size_t j = 0; j < lo; j++)
+            a[j] = 0.0f;
+        for (size_t j = lo; j < n; j++)
             a[j] *= inv;
         for (size_t j = n; j < C; j++)
             a[j] = 0.0f;
     }
+}
+
+/* x (T, n) row stride ld += b (n) on every row; nothing when b is NULL. */
+static void add_bias(float *x, size_t ld, const float *b, size_t T, size_t n)
+{
+    if (!b)
+        return;
+    for (size_t t = 0; t < T; t++)
+        for (size_t j = 0; j < n; j++)
+            x[t * ld + j] += b[j];
 }
 
 /* sigma_l (D, D) += xb^T xb (its upper triangle), sum_l (D) += the rows of
@@ -387,6 +404,9 @@ static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig 
             matmul_forward(kt, Dkv, xb, D, L->wk, T, D, Dkv, 0.0f);
             matmul_forward(vt, Dkv, xb, D, L->wv, T, D, Dkv, 0.0f);
         }
+        add_bias(q, Dq, L->bq, T, Dq);
+        add_bias(kt, Dkv, L->bk, T, Dkv);
+        add_bias(vt, Dkv, L->bv, T, Dkv);
         rope_forward(q, s, T, P, H, hd);
         rope_forward(kt, s, T, P, KV, hd);
         if (Qz->v_bits)
@@ -421,7 +441,7 @@ static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig 
             if (kq)
                 closed_groups_scores(att, s->att2, qh, kq + (h / G) * hd, T, P, C, hd, Dq,
                                      Dkv, scale, Qz->group);
-            softmax_causal(att, T, C, P);
+            softmax_causal(att, T, C, P, c->sliding_window);
             if (T == 1) {
                 pcs_cblas_sgemv(PcsRowMajor, PcsTrans, (pcs_blasint)C, (pcs_blasint)hd, 1.0f,
                                 vh, (pcs_blasint)Dkv, att, 1, 0.0f, oh, 1);
@@ -431,8 +451,9 @@ static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig 
                                 (pcs_blasint)Dkv, 0.0f, oh, (pcs_blasint)Dq);
             }
         }
-        /* x += out @ Wo^T */
+        /* x += out @ Wo^T (+ bo) */
         matmul_forward(x, D, xb, Dq, L->wo, T, Dq, D, 1.0f);
+        add_bias(x, D, L->bo, T, D);
 
         /* SwiGLU MLP: x += W_down (silu(W_gate xn) * W_up xn) */
         rmsnorm_forward(xb, x, L->ffn_norm, T, D, c->rms_eps);

@@ -604,13 +604,14 @@ typedef struct {
     PcsLlamaConfig cfg;
     PcsLlamaWeights w;
     PcsLlamaState st;
-    PyObject *arrays; /* list: tok_emb, final_norm, lm_head, then 9 per layer */
+    PyObject *arrays; /* list: tok_emb, final_norm, lm_head, then 13 per layer
+                         (the 9 weights, then bq, bk, bv, bo or None) */
     PyObject *names;  /* list of str, same order */
     PyObject *latents; /* list (L): None, or the arrays of the layer's latent K/V */
     int busy;         /* a kernel runs with the GIL released */
 } LlamaRuntime;
 
-enum { RT_GLOBAL = 3, RT_PER_LAYER = 9 };
+enum { RT_GLOBAL = 3, RT_PER_LAYER = 13, RT_FIRST_BIAS = 9 };
 
 /* Expected shape of array `idx` (see the order above). */
 static void runtime_shape(const PcsLlamaConfig *c, Py_ssize_t idx, npy_intp dims[2], int *nd)
@@ -630,7 +631,10 @@ static void runtime_shape(const PcsLlamaConfig *c, Py_ssize_t idx, npy_intp dims
     case 2: case 3: dims[0] = Dkv; dims[1] = D; break;    /* wk, wv */
     case 4: dims[0] = D; dims[1] = Dq; break;             /* wo */
     case 6: case 7: dims[0] = F; dims[1] = D; break;      /* gate, up */
-    default: dims[0] = D; dims[1] = F; break;             /* down */
+    case 8: dims[0] = D; dims[1] = F; break;              /* down */
+    case 9: *nd = 1; dims[0] = Dq; break;                 /* bq */
+    case 10: case 11: *nd = 1; dims[0] = Dkv; break;      /* bk, bv */
+    default: *nd = 1; dims[0] = D; break;                 /* bo */
     }
 }
 
@@ -641,8 +645,15 @@ static void runtime_point(PcsLlamaWeights *w, Py_ssize_t idx, const float *p)
     if (idx == 2) { w->lm_head = p; return; }
     PcsLlamaLayer *L = &w->layers[(idx - RT_GLOBAL) / RT_PER_LAYER];
     const float **slot[RT_PER_LAYER] = {&L->attn_norm, &L->wq, &L->wk, &L->wv, &L->wo,
-                                        &L->ffn_norm, &L->w_gate, &L->w_up, &L->w_down};
+                                        &L->ffn_norm, &L->w_gate, &L->w_up, &L->w_down,
+                                        &L->bq, &L->bk, &L->bv, &L->bo};
     *slot[(idx - RT_GLOBAL) % RT_PER_LAYER] = p;
+}
+
+/* Is array `idx` one of a layer's optional biases (None allowed)? */
+static int runtime_is_bias(Py_ssize_t idx)
+{
+    return idx >= RT_GLOBAL && (idx - RT_GLOBAL) % RT_PER_LAYER >= RT_FIRST_BIAS;
 }
 
 /* Check that obj is a float32, C-contiguous, aligned array of the shape
@@ -702,13 +713,15 @@ static int size_arg(PyObject *tuple, Py_ssize_t i, const char *what, size_t *out
     return 0;
 }
 
-/* Parse and check the config tuple into *c; 0, or -1 with an exception. */
+/* Parse and check the config tuple into *c; 0, or -1 with an exception.
+ * c->rope_inv_freq borrows the tuple's array: valid while cfg lives. */
 static int runtime_config(PyObject *cfg, PcsLlamaConfig *c)
 {
-    if (PyTuple_GET_SIZE(cfg) != 10) {
+    if (PyTuple_GET_SIZE(cfg) != 12) {
         PyErr_SetString(PyExc_ValueError,
                         "config must be (dim, hidden_dim, n_layers, n_heads, n_kv_heads, "
-                        "head_dim, vocab_size, seq_len, rms_eps, rope_theta)");
+                        "head_dim, vocab_size, seq_len, rms_eps, rope_theta, rope_inv_freq, "
+                        "sliding_window)");
         return -1;
     }
     const char *what[] = {"dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads",
@@ -748,6 +761,42 @@ static int runtime_config(PyObject *cfg, PcsLlamaConfig *c)
                      too_large ? too_large : "a size");
         return -1;
     }
+    /* rope_inv_freq: None (theta^(-2i/hd)) or float32 (head_dim/2), each
+     * positive and finite */
+    PyObject *inv = PyTuple_GET_ITEM(cfg, 10);
+    c->rope_inv_freq = NULL;
+    if (inv != Py_None) {
+        PyArrayObject *a = (PyArrayObject *)inv;
+        if (!PyArray_Check(inv) || PyArray_TYPE(a) != NPY_FLOAT32 || PyArray_NDIM(a) != 1 ||
+            !PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISALIGNED(a) || !PyArray_ISNOTSWAPPED(a) ||
+            (size_t)PyArray_DIM(a, 0) != c->head_dim / 2) {
+            PyErr_Format(PyExc_TypeError, "config rope_inv_freq must be None or a contiguous "
+                         "float32 array of shape (%zu,)", c->head_dim / 2);
+            return -1;
+        }
+        const float *f = (const float *)PyArray_DATA(a);
+        for (size_t i = 0; i < c->head_dim / 2; i++) {
+            if (!(f[i] > 0.0f) || !isfinite(f[i])) {
+                PyErr_Format(PyExc_ValueError, "config rope_inv_freq[%zu] must be positive and "
+                             "finite, got %g", i, (double)f[i]);
+                return -1;
+            }
+        }
+        c->rope_inv_freq = f;
+    }
+    PyObject *win = PyTuple_GET_ITEM(cfg, 11);
+    if (!PyLong_Check(win) || PyBool_Check(win)) {
+        PyErr_Format(PyExc_TypeError, "config sliding_window must be an int, got %R", win);
+        return -1;
+    }
+    Py_ssize_t w = PyLong_AsSsize_t(win);
+    if (w == -1 && PyErr_Occurred())
+        return -1;
+    if (w < 0) {
+        PyErr_Format(PyExc_ValueError, "config sliding_window must be >= 0 (0: none), got %zd", w);
+        return -1;
+    }
+    c->sliding_window = (size_t)w;
     return 0;
 }
 
@@ -784,7 +833,7 @@ static int runtime_init(LlamaRuntime *self, PyObject *args, PyObject *kwargs)
     Py_ssize_t n = (Py_ssize_t)(RT_GLOBAL + RT_PER_LAYER * c.n_layers);
     if (PyList_GET_SIZE(arrays) != n || PyList_GET_SIZE(names) != n) {
         PyErr_Format(PyExc_ValueError,
-                     "arrays and names must each hold %zd entries (3 + 9 per layer), got %zd and %zd",
+                     "arrays and names must each hold %zd entries (3 + 13 per layer), got %zd and %zd",
                      n, PyList_GET_SIZE(arrays), PyList_GET_SIZE(names));
         goto fail;
     }
@@ -803,6 +852,8 @@ static int runtime_init(LlamaRuntime *self, PyObject *args, PyObject *kwargs)
         const char *name = PyUnicode_AsUTF8(name_obj);
         if (!name)
             goto fail;
+        if (PyList_GET_ITEM(arrays, i) == Py_None && runtime_is_bias(i))
+            continue; /* no bias: the pointer stays NULL */
         PyArrayObject *a = runtime_check(&c, i, PyList_GET_ITEM(arrays, i), name);
         if (!a)
             goto fail;
@@ -832,6 +883,7 @@ static int runtime_init(LlamaRuntime *self, PyObject *args, PyObject *kwargs)
         PyList_SET_ITEM(latents, (Py_ssize_t)l, Py_None);
     }
     /* commit */
+    c.rope_inv_freq = NULL; /* read by state_init only; cfg's array is not kept */
     self->latents = latents;
     self->cfg = c;
     self->w = w;

@@ -98,6 +98,12 @@ typedef struct {
     size_t seq_len;    /* S: context (and KV cache) capacity */
     float rms_eps;
     double rope_theta;
+    /* RoPE's inverse frequencies (hd/2), read by state_init only: NULL for
+     * theta^(-2i/hd); scaled RoPE (Llama 3's, linear) passes its own. */
+    const float *rope_inv_freq;
+    /* Mistral's sliding window: position p attends to keys p-W+1..p only
+     * (0: no window). */
+    size_t sliding_window;
 } PcsLlamaConfig;
 
 /* One decoder layer's weights, row-major (out, in); borrowed from arrays
@@ -119,6 +125,11 @@ typedef struct {
      * is what a latent cache holds (quantised when PcsKvQuant.latent_bits). */
     const float *k_down, *k_up, *v_down, *v_up;
     size_t k_rank, v_rank;
+    /* Optional biases (NULL: none): bq (Dq), bk, bv (Dkv) as Qwen2 and
+     * Llama's attention_bias have, bo (D) Llama's only. bk and bv are added
+     * after the projection, latent or not: a bias is not part of W's rows
+     * and stays dense under surgery. */
+    const float *bq, *bk, *bv, *bo;
 } PcsLlamaLayer;
 
 typedef struct {

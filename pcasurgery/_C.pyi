@@ -56,11 +56,12 @@ class LlamaRuntime:
     @property
     def n_cached(self) -> int: ...
     @property
-    def arrays(self) -> list[npt.NDArray[np.float32]]: ...
+    def arrays(self) -> list[npt.NDArray[np.float32] | None]: ...
     def __init__(
         self,
-        config: tuple[int, int, int, int, int, int, int, int, float, float],
-        arrays: list[npt.NDArray[np.float32]],
+        config: tuple[int, int, int, int, int, int, int, int, float, float,
+                      npt.NDArray[np.float32] | None, int],
+        arrays: list[npt.NDArray[np.float32] | None],
         names: list[str],
         max_batch: int = 512,
     ) -> None: ...

@@ -709,6 +709,9 @@ def budget_main(args: argparse.Namespace) -> int:
               "K and V only" + (f", q_proj at var {plan['q_var']:g} in every row" if plan["q_var"]
                                 else "; q_proj untouched") +
               "; KL: nats per token vs the unmodified model)")
+        if model.config.qkv_bias:
+            print("(biases: k_proj and v_proj biases stay dense and exact; a latent cache needs "
+                  "no bytes for them, K = A c + b, so the KV column counts the latent only)")
         for line in summary:
             print("summary:", line)
         for line in skipped:

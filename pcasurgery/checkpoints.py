@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _C
-from .config import LlamaConfig, expected_shapes
+from .config import LlamaConfig, expected_shapes, layer_keys
 
 
 def interleaved_to_rotate_half(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -281,28 +281,108 @@ def load_safetensors(
 
 # ------------------------------------------------------- Hugging Face folders
 
-def config_from_hf(d: dict, where: str = "config.json") -> LlamaConfig:
-    """LlamaConfig from a Hugging Face config.json dict (LlamaForCausalLM).
-    Unsupported architectures and RoPE scalings are refused, not guessed."""
-    arch = d.get("architectures") or []
-    if not isinstance(arch, list) or (arch and "LlamaForCausalLM" not in arch):
-        raise ValueError(f"{where}: architecture {arch} is not supported (LlamaForCausalLM)")
-    if d.get("model_type", "llama") != "llama":
-        raise ValueError(f"{where}: model_type {d.get('model_type')!r} is not supported ('llama')")
-    rope = d.get("rope_parameters") or {}
+# Hugging Face class -> its model_type and the defaults its config class uses
+# for keys a config.json may leave out.
+HF_ARCHITECTURES = {
+    "LlamaForCausalLM": ("llama", {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6}),
+    "MistralForCausalLM": ("mistral", {"max_position_embeddings": 4096 * 32,
+                                       "rms_norm_eps": 1e-6, "sliding_window": 4096}),
+    "Qwen2ForCausalLM": ("qwen2", {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6}),
+}
+ROPE_KEYS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor"), "linear": ("factor",)}
+
+
+def _architecture(d: dict, where: str) -> str:
+    arch = d.get("architectures")
+    types = {t: a for a, (t, _) in HF_ARCHITECTURES.items()}
+    supported = ", ".join(HF_ARCHITECTURES)
+    if arch is None or arch == []:  # older configs name only the model_type
+        mt = d.get("model_type", "llama")
+        if mt not in types:
+            raise ValueError(f"{where}: model_type {mt!r} is not supported; supported: "
+                             f"{', '.join(types)}")
+        return types[mt]
+    if not isinstance(arch, list) or not all(isinstance(a, str) for a in arch):
+        raise ValueError(f"{where}: architectures must be a list of class names, got {arch!r}")
+    known = [a for a in arch if a in HF_ARCHITECTURES]
+    if not known:
+        raise ValueError(f"{where}: architecture {', '.join(arch)} is not supported; "
+                         f"supported: {supported}")
+    name = known[0]
+    mt = d.get("model_type", HF_ARCHITECTURES[name][0])
+    if mt != HF_ARCHITECTURES[name][0]:
+        raise ValueError(f"{where}: model_type {mt!r} does not match architecture {name} "
+                         f"({HF_ARCHITECTURES[name][0]!r})")
+    return name
+
+
+def _rope(d: dict, where: str) -> dict:
+    """RoPE settings from rope_parameters (transformers 5) or rope_scaling
+    plus a top-level rope_theta (older files, and every real checkpoint's)."""
+    params = d.get("rope_parameters")
     scaling = d.get("rope_scaling")
-    for s in (scaling, rope):
-        if s is not None and not isinstance(s, dict):
-            raise ValueError(f"{where}: rope parameters {s!r} must be a JSON object")
-        kind = (s or {}).get("rope_type", (s or {}).get("type", "default"))
-        if s and kind not in ("default", None):
-            raise ValueError(f"{where}: rope scaling {s!r} is not supported (only default RoPE)")
-    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-    for k in ("attention_bias", "mlp_bias"):
-        if d.get(k):
-            raise ValueError(f"{where}: {k}=true is not supported")
+    for key, v in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if v is not None and not isinstance(v, dict):
+            raise ValueError(f"{where}: {key} must be a JSON object or null, got {v!r}")
+    # as transformers 5: a legacy rope_scaling is merged over rope_parameters
+    rope = dict(params or {})
+    if scaling:
+        rope.update(scaling)
+        if "type" in scaling and "rope_type" not in scaling:
+            rope["rope_type"] = scaling["type"]
+    if rope and all(isinstance(v, dict) for v in rope.values()):
+        raise ValueError(f"{where}: RoPE parameters per layer type ({', '.join(rope)}) are not "
+                         "supported")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", *ROPE_KEYS):
+        raise ValueError(f"{where}: RoPE type {kind!r} is not supported; supported: default, "
+                         f"{', '.join(ROPE_KEYS)}")
+    prf = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+    if prf != 1.0:
+        raise ValueError(f"{where}: partial_rotary_factor={prf!r} is not supported (1.0 only)")
+    out: dict = {"rope_type": kind,
+                 "rope_theta": rope.get("rope_theta", d.get("rope_theta", 10000.0))}
+    for k in ROPE_KEYS.get(kind, ()):
+        if k not in rope:
+            raise ValueError(f"{where}: RoPE type {kind!r} needs {k!r}")
+        out[f"rope_{k}"] = rope[k]
+    if kind == "llama3":
+        orig = rope.get("original_max_position_embeddings",
+                        d.get("original_max_position_embeddings", 0))
+        out["rope_original_max_position_embeddings"] = orig or 0
+    return out
+
+
+def config_from_hf(d: dict, where: str = "config.json") -> LlamaConfig:
+    """LlamaConfig from a Hugging Face config.json dict: LlamaForCausalLM
+    (RoPE default, llama3 or linear; attention_bias), MistralForCausalLM
+    (sliding window) or Qwen2ForCausalLM (q/k/v biases). Everything else
+    (other classes, RoPE types, MLP biases, Qwen2's sliding window) is
+    refused by name, not guessed."""
+    arch = _architecture(d, where)
+    model_type, defaults = HF_ARCHITECTURES[arch]
+    rope = _rope(d, where)
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{where}: hidden_act {d.get('hidden_act')!r} is not supported ('silu')")
+    if d.get("mlp_bias"):
+        raise ValueError(f"{where}: mlp_bias=true is not supported")
+    qkv_bias = o_bias = False
+    window = 0
+    if arch == "LlamaForCausalLM":
+        qkv_bias = o_bias = d.get("attention_bias", False)
+        if not isinstance(qkv_bias, bool):
+            raise ValueError(f"{where}: attention_bias must be true or false, got {qkv_bias!r}")
+    elif arch == "Qwen2ForCausalLM":
+        qkv_bias = True
+        if d.get("use_sliding_window"):
+            raise ValueError(f"{where}: Qwen2 with use_sliding_window=true is not supported")
+    else:
+        window = d.get("sliding_window", defaults["sliding_window"])
+        if window is None:
+            window = 0
+        elif isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"{where}: sliding_window must be a positive int or null, got "
+                             f"{window!r}")
     try:
         return LlamaConfig(
             hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
@@ -310,12 +390,15 @@ def config_from_hf(d: dict, where: str = "config.json") -> LlamaConfig:
             num_attention_heads=d["num_attention_heads"],
             num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
             vocab_size=d["vocab_size"],
-            max_position_embeddings=d.get("max_position_embeddings", 2048),
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=theta,
+            max_position_embeddings=d.get("max_position_embeddings",
+                                          defaults["max_position_embeddings"]),
+            rms_norm_eps=d.get("rms_norm_eps", defaults["rms_norm_eps"]),
             tie_word_embeddings=d.get("tie_word_embeddings", False),
             head_dim=d.get("head_dim") or 0,
             bos_token_id=_first_id(d.get("bos_token_id"), 1),
             eos_token_id=_first_id(d.get("eos_token_id"), 2),
+            architecture=arch, qkv_bias=qkv_bias, o_bias=o_bias, sliding_window=window,
+            **rope,
         )
     except KeyError as e:
         raise ValueError(f"{where} lacks {e.args[0]!r}") from None
@@ -331,10 +414,10 @@ def _first_id(v, default: int) -> int:
 
 def check_layer_count(config: LlamaConfig, n_tensors: int, where: object) -> None:
     """ValueError when the checkpoint cannot hold the config's layers (9
-    tensors each, plus the embedding and the final norm): checked before
-    anything loops over the layers, so a config claiming 2**70 layers fails
-    at once."""
-    need = 9 * config.num_hidden_layers + 2
+    tensors each, plus biases, the embedding and the final norm): checked
+    before anything loops over the layers, so a config claiming 2**70 layers
+    fails at once."""
+    need = len(layer_keys(config)) * config.num_hidden_layers + 2
     if n_tensors < need:
         raise ValueError(f"config num_hidden_layers={config.num_hidden_layers} needs at least "
                          f"{need} tensors but {where} holds {n_tensors}")

@@ -1,5 +1,9 @@
 """LlamaConfig: the architecture numbers the forward pass needs, and the weight
-layout they imply (names in the C kernel's order, shapes)."""
+layout they imply (names in the C kernel's order, shapes).
+
+One decoder covers the Llama family: LlamaForCausalLM (Llama 1-3.x, TinyLlama,
+SmolLM2; RoPE plain, "llama3" or "linear"; optional attention biases),
+MistralForCausalLM (a sliding window) and Qwen2ForCausalLM (q/k/v biases)."""
 from __future__ import annotations
 
 import math
@@ -23,6 +27,14 @@ class LlamaConfig:
     num_attention_heads H, num_key_value_heads KV (H % KV == 0), head_dim
     hd (default D / H), vocab_size V, max_position_embeddings (the context),
     rms_norm_eps, rope_theta, tie_word_embeddings.
+
+    architecture: the Hugging Face class (``ARCHITECTURES``), which the
+    export writes back. RoPE: rope_type "default", "llama3" (Llama 3.1/3.2:
+    rope_factor, rope_low_freq_factor, rope_high_freq_factor,
+    rope_original_max_position_embeddings) or "linear" (rope_factor).
+    qkv_bias: q_proj, k_proj and v_proj have biases (Qwen2; Llama's
+    attention_bias); o_bias: o_proj has one too (Llama's attention_bias).
+    sliding_window: attend to the last W positions only (Mistral; 0: none).
     """
 
     hidden_size: int
@@ -38,6 +50,15 @@ class LlamaConfig:
     head_dim: int = 0  # 0: hidden_size // num_attention_heads
     bos_token_id: int = 1
     eos_token_id: int = 2
+    architecture: str = "LlamaForCausalLM"
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 0
+    qkv_bias: bool = False
+    o_bias: bool = False
+    sliding_window: int = 0
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers",
@@ -47,19 +68,37 @@ class LlamaConfig:
             if not _is_int(v) or v <= 0:
                 raise ValueError(f"config {name} must be a positive int, got {v!r}")
             object.__setattr__(self, name, int(v))
-        for name in ("head_dim", "bos_token_id", "eos_token_id"):
+        for name in ("head_dim", "bos_token_id", "eos_token_id", "sliding_window",
+                     "rope_original_max_position_embeddings"):
             v = getattr(self, name)
             if not _is_int(v) or v < 0:
                 raise ValueError(f"config {name} must be an int >= 0, got {v!r}")
             object.__setattr__(self, name, int(v))
-        for name in ("rms_norm_eps", "rope_theta"):
+        for name in ("rms_norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor",
+                     "rope_high_freq_factor"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
                 raise ValueError(f"config {name} must be a positive finite number, got {v!r}")
             object.__setattr__(self, name, float(v))
-        if not isinstance(self.tie_word_embeddings, bool):  # "false" is not False
-            raise ValueError("config tie_word_embeddings must be true or false, got "
-                             f"{self.tie_word_embeddings!r}")
+        for name in ("tie_word_embeddings", "qkv_bias", "o_bias"):
+            if not isinstance(getattr(self, name), bool):  # "false" is not False
+                raise ValueError(f"config {name} must be true or false, got "
+                                 f"{getattr(self, name)!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture {self.architecture!r} is not supported; supported: "
+                             f"{', '.join(ARCHITECTURES)}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type {self.rope_type!r} is not supported; supported: "
+                             f"{', '.join(ROPE_TYPES)}")
+        if self.rope_type == "llama3":
+            if not self.rope_high_freq_factor > self.rope_low_freq_factor:
+                raise ValueError("config rope high_freq_factor must exceed low_freq_factor, got "
+                                 f"{self.rope_high_freq_factor} and {self.rope_low_freq_factor}")
+            if not self.rope_original_max_position_embeddings:
+                object.__setattr__(self, "rope_original_max_position_embeddings",
+                                   self.max_position_embeddings)
+        if self.o_bias and not self.qkv_bias:
+            raise ValueError("config o_bias needs qkv_bias (Llama's attention_bias sets both)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"config num_attention_heads ({self.num_attention_heads}) must be a multiple "
@@ -75,6 +114,27 @@ class LlamaConfig:
         if self.head_dim % 2:
             raise ValueError(f"config head_dim must be even (RoPE pairs), got {self.head_dim}")
 
+    def rope_inv_freq(self) -> np.ndarray:
+        """RoPE's inverse frequencies (head_dim/2,) float32, computed as
+        transformers' ROPE_INIT_FUNCTIONS do, in float32."""
+        hd = self.head_dim
+        inv = (1.0 / (np.float32(self.rope_theta)
+                      ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))).astype(np.float32)
+        if self.rope_type == "linear":
+            return (inv / np.float32(self.rope_factor)).astype(np.float32)
+        if self.rope_type == "llama3":
+            f = np.float32(self.rope_factor)
+            lo, hi = self.rope_low_freq_factor, self.rope_high_freq_factor
+            old = self.rope_original_max_position_embeddings
+            low_wavelen, high_wavelen = old / lo, old / hi
+            wavelen = np.float32(2 * math.pi) / inv
+            scaled = np.where(wavelen > low_wavelen, inv / f, inv).astype(np.float32)
+            smooth = ((np.float32(old) / wavelen - np.float32(lo)) / np.float32(hi - lo)).astype(np.float32)
+            smoothed = ((1 - smooth) * scaled / f + smooth * scaled).astype(np.float32)
+            medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+            return np.where(medium, smoothed, scaled).astype(np.float32)
+        return inv
+
     @property
     def kv_dim(self) -> int:
         """Width of k_proj / v_proj outputs: num_key_value_heads * head_dim."""
@@ -83,6 +143,9 @@ class LlamaConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+ROPE_TYPES = ("default", "llama3", "linear")
 
 LAYER_KEYS = (
     "input_layernorm.weight",
@@ -97,12 +160,36 @@ LAYER_KEYS = (
 )
 
 
-def weight_names(config: LlamaConfig) -> list[str]:
-    """Every weight name in the C kernel's order: embedding, final norm,
-    lm_head, then the nine tensors of each layer."""
+# the C runtime's four optional per-layer slots, after the nine weights
+BIAS_KEYS = (
+    "self_attn.q_proj.bias",
+    "self_attn.k_proj.bias",
+    "self_attn.v_proj.bias",
+    "self_attn.o_proj.bias",
+)
+
+
+def layer_keys(config: LlamaConfig) -> tuple[str, ...]:
+    """A layer's tensors: the nine weights, then the biases it has."""
+    return LAYER_KEYS + BIAS_KEYS[:3 * config.qkv_bias + config.o_bias]
+
+
+def runtime_names(config: LlamaConfig) -> list[str]:
+    """The C runtime's slots: embedding, final norm, lm_head, then 13 per
+    layer (the nine weights and the four bias slots, used or not)."""
     names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
     for i in range(config.num_hidden_layers):
-        names += [f"model.layers.{i}.{k}" for k in LAYER_KEYS]
+        names += [f"model.layers.{i}.{k}" for k in LAYER_KEYS + BIAS_KEYS]
+    return names
+
+
+def weight_names(config: LlamaConfig) -> list[str]:
+    """Every tensor the model has, in the C kernel's order: embedding, final
+    norm, lm_head, then each layer's nine weights and its biases."""
+    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+    keys = layer_keys(config)
+    for i in range(config.num_hidden_layers):
+        names += [f"model.layers.{i}.{k}" for k in keys]
     return names
 
 
@@ -120,10 +207,15 @@ def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
         "mlp.gate_proj.weight": (F, D),
         "mlp.up_proj.weight": (F, D),
         "mlp.down_proj.weight": (D, F),
+        "self_attn.q_proj.bias": (Dq,),
+        "self_attn.k_proj.bias": (Dkv,),
+        "self_attn.v_proj.bias": (Dkv,),
+        "self_attn.o_proj.bias": (D,),
     }
     shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,),
               "lm_head.weight": (V, D)}
+    keys = layer_keys(config)
     for i in range(config.num_hidden_layers):
-        for k, s in per_layer.items():
-            shapes[f"model.layers.{i}.{k}"] = s
+        for k in keys:
+            shapes[f"model.layers.{i}.{k}"] = per_layer[k]
     return shapes

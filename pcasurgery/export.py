@@ -133,19 +133,37 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str = "
 
 
 def hf_config(model: LlamaModel, dtype: str) -> dict[str, Any]:
+    """config.json for the model's class (Llama, Mistral or Qwen2), with the
+    keys real checkpoints of that class carry (rope_scaling and rope_theta at
+    the top level, which transformers 4 and 5 both read)."""
+    from .checkpoints import HF_ARCHITECTURES
+
     c = model.config
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    d: dict[str, Any] = {
+        "architectures": [c.architecture], "model_type": HF_ARCHITECTURES[c.architecture][0],
         "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
         "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
         "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
         "vocab_size": c.vocab_size, "max_position_embeddings": c.max_position_embeddings,
         "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "rope_scaling": None,
         "tie_word_embeddings": c.tie_word_embeddings, "hidden_act": "silu",
-        "attention_bias": False, "mlp_bias": False,
         "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
         "torch_dtype": "bfloat16" if dtype == "BF16" else "float32",
     }
+    if c.rope_type == "llama3":
+        d["rope_scaling"] = {
+            "rope_type": "llama3", "factor": c.rope_factor,
+            "low_freq_factor": c.rope_low_freq_factor, "high_freq_factor": c.rope_high_freq_factor,
+            "original_max_position_embeddings": c.rope_original_max_position_embeddings}
+    elif c.rope_type == "linear":
+        d["rope_scaling"] = {"rope_type": "linear", "factor": c.rope_factor}
+    if c.architecture == "LlamaForCausalLM":
+        d.update(attention_bias=c.o_bias, mlp_bias=False)
+    elif c.architecture == "MistralForCausalLM":
+        d["sliding_window"] = c.sliding_window or None
+    else:
+        d.update(use_sliding_window=False, sliding_window=None)
+    return d
 
 
 def save_hf_folder(model: LlamaModel, folder: str | os.PathLike, dtype: str = "F32") -> Path:

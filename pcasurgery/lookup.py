@@ -16,20 +16,50 @@ def hf_cache_dir() -> Path:
     return Path(home).expanduser() / "hub"
 
 
+# What the forward pass reads from a repository: the config, the weights as
+# safetensors (single file or shards; not consolidated.safetensors or .bin
+# copies), the tokenizer and its config, the chat template.
+MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors",
+               "model.safetensors.index.json", "model-*.safetensors", "tokenizer.json",
+               "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+               "chat_template.jinja"]
+
+
 def find_in_hf_cache(model_id: str) -> Path | None:
-    """The snapshot folder of `model_id` in the local cache (refs/main first,
-    else the newest snapshot holding a config.json), or None."""
-    repo = hf_cache_dir() / ("models--" + model_id.replace("/", "--"))
-    snaps = repo / "snapshots"
-    if not snaps.is_dir():
+    """The snapshot folder of `model_id` (its main revision) in the local
+    Hugging Face cache, found by huggingface_hub itself, or None when it is
+    not there (or has no config.json)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cfg = try_to_load_from_cache(model_id, "config.json", cache_dir=hf_cache_dir())
+    except ValueError:  # not a valid repo id
         return None
-    ref = repo / "refs" / "main"
-    if ref.is_file():
-        cand = snaps / ref.read_text().strip()
-        if (cand / "config.json").is_file():
-            return cand
-    found = [d for d in snaps.iterdir() if (d / "config.json").is_file()]
-    return max(found, key=lambda d: d.stat().st_mtime) if found else None
+    return Path(cfg).parent if isinstance(cfg, str) else None
+
+
+def download(model_id: str) -> Path:
+    """Download the files the forward pass needs (MODEL_FILES) of a model id
+    into the Hugging Face cache, with huggingface_hub's progress bars; one
+    clear FileNotFoundError for a gated, missing or unreachable model."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(model_id, cache_dir=hf_cache_dir(),
+                                      allow_patterns=MODEL_FILES))
+    except GatedRepoError:
+        reason = ("it is gated: accept its license on huggingface.co and log in "
+                  "(`hf auth login`)")
+    except RepositoryNotFoundError:
+        reason = "the Hugging Face Hub has no such model (or it is private)"
+    except Exception as e:  # offline, no network, a server error
+        first = (str(e).strip().splitlines() or [""])[0]
+        reason = f"downloading it failed ({type(e).__name__}: {first})"
+    raise FileNotFoundError(
+        f"model {model_id!r} is not in the Hugging Face cache ({hf_cache_dir()}) and {reason}. "
+        f"Download it where there is a network (`hf download {model_id}`) or pass the path "
+        "of a local folder with config.json and model.safetensors.")
 
 
 DEFAULT_MODEL_ID = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
@@ -51,8 +81,8 @@ def resolve_auto() -> tuple[Path, str]:
 
 def resolve_model(path_or_id: str | os.PathLike) -> Path:
     """A local path for a model argument: an existing folder or .bin file; a
-    Hugging Face model id resolved from the local cache (downloaded only when
-    huggingface_hub is installed and the network answers); "auto" (see
+    Hugging Face model id resolved from the local cache, else downloaded
+    when the network answers (:func:`download`); "auto" (see
     :func:`resolve_auto`) or "demo" (the embedded demo model)."""
     if path_or_id == "auto":
         return resolve_auto()[0]
@@ -70,21 +100,4 @@ def resolve_model(path_or_id: str | os.PathLike) -> Path:
     if s.count("/") != 1 or s.startswith((".", "/", "~")) or s.endswith(".bin"):
         raise FileNotFoundError(f"model path {s} does not exist")
     cached = find_in_hf_cache(s)
-    if cached is not None:
-        return cached
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        reason = "huggingface_hub is not installed, so it cannot be downloaded"
-    else:
-        try:
-            return Path(snapshot_download(
-                s, allow_patterns=["*.json", "*.safetensors", "tokenizer.model"]))
-        except Exception as e:  # offline, unknown id, gated model...
-            first = (str(e).strip().splitlines() or [""])[0]
-            reason = f"downloading it failed ({type(e).__name__}: {first})"
-    raise FileNotFoundError(
-        f"model {s!r} is not in the Hugging Face cache ({hf_cache_dir()}) and {reason}. "
-        f"Download it where there is a network (`huggingface-cli download {s}`) or pass "
-        "the path of a local folder with config.json and model.safetensors."
-    )
+    return cached if cached is not None else download(s)

@@ -17,8 +17,20 @@ import numpy as np
 
 from . import _C
 from .checkpoints import check_layer_count, load_llama2c
-from .config import LlamaConfig, expected_shapes, weight_names
+from .config import LlamaConfig, expected_shapes, runtime_names, weight_names
 from .evaluate import log_softmax, window_kl_agree, window_nll
+
+
+def _token_text_of(tok: Any, i: int | None) -> str:
+    """The text of special token i ("" for none), as chat templates see
+    bos_token and eos_token."""
+    if i is None:
+        return ""
+    if hasattr(tok, "tk"):
+        return tok.tk.id_to_token(i) or ""
+    if hasattr(tok, "sp"):
+        return tok.sp.id_to_piece(i)
+    return {1: "<s>", 2: "</s>"}.get(i, "")
 
 
 class WeightsView(Mapping):
@@ -104,11 +116,14 @@ class LlamaModel:
         self.n_ctx = n_ctx
         self.lock = threading.RLock()
         c = config
+        rt_names = runtime_names(c)
+        self._rt_index = {n: i for i, n in enumerate(rt_names)}
         self._rt = _C.LlamaRuntime(
             (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
              c.num_key_value_heads, c.head_dim, c.vocab_size, n_ctx, float(c.rms_norm_eps),
-             float(c.rope_theta)),
-            [self._weights[n] for n in self._names], list(self._names), min(max_batch, n_ctx),
+             float(c.rope_theta), None if c.rope_type == "default" else c.rope_inv_freq(),
+             c.sliding_window),
+            [self._weights.get(n) for n in rt_names], rt_names, min(max_batch, n_ctx),
         )
 
     # ------------------------------------------------------------- loading
@@ -135,7 +150,8 @@ class LlamaModel:
         p = resolve_model(path_or_id)
         if p.is_dir():
             config, weights = load_hf_folder(p)
-            tok = load_hf_tokenizer(Path(tokenizer) if tokenizer else p)
+            tok = load_hf_tokenizer(Path(tokenizer) if tokenizer else p,
+                                    bos_id=config.bos_token_id, eos_id=config.eos_token_id)
             if tok is not None and tok.vocab_size > config.vocab_size:
                 raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model "
                                  f"only {config.vocab_size}")
@@ -176,10 +192,9 @@ class LlamaModel:
         tied = {"model.embed_tokens.weight", "lm_head.weight"}
         names = tied if self.config.tie_word_embeddings and name in tied else {name}
         with self.lock:
-            for i, n in enumerate(self._names):
-                if n in names:
-                    self._rt.set_weight(i, a)
-                    self._weights[n] = a
+            for n in names:
+                self._rt.set_weight(self._rt_index[n], a)
+                self._weights[n] = a
             self._rt.reset()
 
     def set_latent(self, layer: int, k_down: Any, k_up: Any, v_down: Any = None,
@@ -248,7 +263,9 @@ class LlamaModel:
         0; otherwise softmax(logits / temperature) sampling, restricted to the
         top_p nucleus, reproducible for a given seed. Stops at EOS (or BOS,
         which llama2.c models emit between stories) and at the context end.
-        chat=True wraps a text prompt in TinyLlama-Chat's template
+        chat=True wraps a text prompt, as the one user message, in the
+        folder's chat template (rendered as transformers renders it), or in
+        TinyLlama-Chat's when the model has none
         (:func:`pcasurgery.tokenizers.chat_prompt`)."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer; use generate_ids")
@@ -268,10 +285,7 @@ class LlamaModel:
             if not prompt:
                 raise ValueError("prompt is empty; pass prompt=None to generate from BOS alone")
             if chat:
-                from .tokenizers import chat_prompt
-
-                t = self._as_tokens(self._encode(chat_prompt(prompt), bos=True, special=True),
-                                    "prompt")
+                t = self._as_tokens(self._chat_ids(prompt), "prompt")
             else:
                 t = self._as_tokens(self._encode(prompt, bos=True), "prompt")
         else:
@@ -306,6 +320,21 @@ class LlamaModel:
                 logits = self._rt.forward(np.array([nxt]), pos, False)[0]
                 pos += 1
         return out
+
+    def _chat_ids(self, prompt: str) -> list[int]:
+        from .tokenizers import chat_prompt, check_text, render_chat
+
+        tok = self.tokenizer
+        template = getattr(tok, "chat_template", None)
+        if not template:
+            return self._encode(chat_prompt(prompt), bos=True, special=True)
+        bos = _token_text_of(tok, tok.bos_id)
+        eos = _token_text_of(tok, tok.eos_id)
+        text = render_chat(template, [{"role": "user", "content": check_text(prompt, "prompt")}],
+                           bos_token=bos, eos_token=eos)
+        # as transformers' pipelines: the rendered text is tokenized with the
+        # tokenizer's own BOS, unless the template already put it there
+        return self._encode(text, bos=not (bos and text.startswith(bos)), special=True)
 
     @staticmethod
     def _sample(logits: np.ndarray, temperature: float, top_p: float,

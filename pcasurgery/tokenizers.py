@@ -1,8 +1,10 @@
-"""Tokenizers: the Llama-2 SentencePiece model (TinyLlama) and llama2.c's
-vocabulary format.
+"""Tokenizers: SentencePiece models (TinyLlama's Llama-2 model, Mistral's),
+Hugging Face tokenizer.json files (Llama 3's and Qwen2's byte-level BPE) and
+llama2.c's vocabulary format, with the chat templates of Hugging Face folders.
 
-Both expose ``encode(text, bos=True, eos=False) -> list[int]``,
-``decode(ids) -> str``, ``bos_id``, ``eos_id`` and ``vocab_size``.
+Each exposes ``encode(text, bos=True, eos=False) -> list[int]``,
+``decode(ids) -> str``, ``bos_id``, ``eos_id``, ``add_bos``, ``vocab_size``
+and ``chat_template`` (None when the folder has none).
 """
 from __future__ import annotations
 
@@ -61,6 +63,8 @@ class Llama2cTokenizer:
 
     bos_id = 1
     eos_id = 2
+    add_bos = True
+    chat_template: str | None = None
 
     def __init__(self, path: str | os.PathLike, vocab_size: int | None = None) -> None:
         from .checkpoints import check_regular_file
@@ -174,6 +178,8 @@ class SentencePieceTokenizer:
         self.vocab_size = int(self.sp.get_piece_size())
         self.bos_id = int(self.sp.bos_id())
         self.eos_id = int(self.sp.eos_id())
+        self.add_bos = True
+        self.chat_template: str | None = None
 
     def encode(self, text: str, bos: bool = True, eos: bool = False,
                special: bool = False) -> list[int]:
@@ -203,10 +209,17 @@ class SentencePieceTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face ``tokenizer.json`` through the `tokenizers` library,
-    for checkpoints that ship no tokenizer.model."""
+    """A Hugging Face ``tokenizer.json`` through the `tokenizers` library
+    (Llama 3's and Qwen2's byte-level BPE, or any other it holds).
 
-    def __init__(self, path: str | os.PathLike, bos_id: int = 1, eos_id: int = 2) -> None:
+    bos_id / eos_id: the ids of the folder's bos_token / eos_token (None:
+    the model's). add_bos: whether ``encode(bos=True)`` puts a BOS in front;
+    None asks the tokenizer.json itself (its post-processor adds one, as
+    Llama 3's does, or not, as Qwen2's)."""
+
+    def __init__(self, path: str | os.PathLike, bos_id: int | None = 1, eos_id: int | None = 2,
+                 add_bos: bool | None = None, bos_token: str | None = None,
+                 eos_token: str | None = None) -> None:
         from tokenizers import Tokenizer
 
         from .checkpoints import check_regular_file
@@ -219,19 +232,35 @@ class HFTokenizer:
             raise ValueError(f"tokenizer {path} is not a valid tokenizer.json "
                              f"({_library_error(e)})") from None
         self.vocab_size = int(self.tk.get_vocab_size())
-        self.bos_id, self.eos_id = bos_id, eos_id
+        for key, text in (("bos_token", bos_token), ("eos_token", eos_token)):
+            if text is not None and self.tk.token_to_id(text) is None:
+                raise ValueError(f"{key} {text!r} is not in tokenizer {self.path}")
+        self.bos_id = bos_id if bos_token is None else self.tk.token_to_id(bos_token)
+        self.eos_id = eos_id if eos_token is None else self.tk.token_to_id(eos_token)
+        if add_bos is None:
+            try:
+                plain = self.tk.encode("a", add_special_tokens=False).ids
+                full = self.tk.encode("a", add_special_tokens=True).ids
+            except Exception as e:
+                raise ValueError(f"tokenizer {self.path} cannot encode text "
+                                 f"({_library_error(e)})") from None
+            add_bos = len(full) > len(plain) and full[0] == self.bos_id
+        self.add_bos = bool(add_bos) and self.bos_id is not None
+        self.chat_template: str | None = None
 
     def encode(self, text: str, bos: bool = True, eos: bool = False,
                special: bool = False) -> list[int]:
-        """special: the tokenizer.json's own special tokens (e.g. ``</s>``)
-        are always recognised in text by the tokenizers library."""
+        """special: the tokenizer.json's own special tokens (e.g. ``</s>``,
+        ``<|im_start|>``) are always recognised in text by the tokenizers
+        library. bos adds the BOS only when this tokenizer uses one."""
         check_text(text)
         try:  # a tokenizer.json that loads can still fail here (an unk token it lacks)
             ids = list(self.tk.encode(text, add_special_tokens=False).ids)
         except Exception as e:
             raise ValueError(f"tokenizer {self.path} cannot encode the text "
                              f"({_library_error(e)})") from None
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+        head = [self.bos_id] if bos and self.add_bos else []
+        return head + ids + ([self.eos_id] if eos and self.eos_id is not None else [])
 
     def decode(self, ids: list[int] | np.ndarray) -> str:
         ids = [int(i) for i in ids]
@@ -245,18 +274,108 @@ class HFTokenizer:
                              f"({_library_error(e)})") from None
 
 
-def load_hf_tokenizer(path: str | os.PathLike) -> SentencePieceTokenizer | HFTokenizer | None:
+def _token_text(v: object, where: str, key: str) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, an
+    AddedToken object ({"content": ...}) or null."""
+    if v is None or isinstance(v, str):
+        return v
+    if isinstance(v, dict) and isinstance(v.get("content"), str):
+        return v["content"]
+    raise ValueError(f"{where}: {key} must be a string, an object with \"content\" or null, "
+                     f"got {v!r}")
+
+
+def read_chat_template(folder: Path, tc: dict) -> str | None:
+    """The folder's chat template: chat_template.jinja (transformers' own
+    file since 4.43), else tokenizer_config.json's chat_template (a string,
+    or a list of named templates: the one named "default")."""
+    from .checkpoints import read_text_file
+
+    f = folder / "chat_template.jinja"
+    if f.is_file():
+        return read_text_file(f, "chat template")
+    t = tc.get("chat_template")
+    if isinstance(t, list):
+        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+        t = named.get("default")
+    if t is not None and not isinstance(t, str):
+        raise ValueError(f"{folder / 'tokenizer_config.json'}: chat_template must be a string "
+                         "or a list of {name, template} objects")
+    return t
+
+
+def load_hf_tokenizer(path: str | os.PathLike, bos_id: int | None = None,
+                      eos_id: int | None = None) -> SentencePieceTokenizer | HFTokenizer | None:
     """The tokenizer of a Hugging Face folder (tokenizer.model preferred, as
-    TinyLlama's is the Llama-2 SentencePiece model), a tokenizer file, or
-    None when the folder has neither."""
+    TinyLlama's is the Llama-2 SentencePiece model; else tokenizer.json), a
+    tokenizer file, or None when the folder has neither. The folder's
+    tokenizer_config.json names the special tokens, whether a BOS is added,
+    and the chat template (kept as ``chat_template``, None without one);
+    bos_id / eos_id (the model config's) stand in for tokens it leaves out."""
+    from .checkpoints import read_json_object
+
     p = Path(path)
+    folder = p.parent if p.is_file() else p
+    tc_path = folder / "tokenizer_config.json"
+    tc = read_json_object(tc_path, "tokenizer config") if tc_path.is_file() else {}
     if p.is_file():
-        return HFTokenizer(p) if p.suffix == ".json" else SentencePieceTokenizer(p)
-    if (p / "tokenizer.model").is_file():
-        return SentencePieceTokenizer(p / "tokenizer.model")
-    if (p / "tokenizer.json").is_file():
-        return HFTokenizer(p / "tokenizer.json")
-    return None
+        tok_file = p
+    elif (p / "tokenizer.model").is_file():
+        tok_file = p / "tokenizer.model"
+    elif (p / "tokenizer.json").is_file():
+        tok_file = p / "tokenizer.json"
+    else:
+        return None
+    tok: SentencePieceTokenizer | HFTokenizer
+    if tok_file.suffix != ".json":
+        tok = SentencePieceTokenizer(tok_file)
+    else:
+        add = tc.get("add_bos_token")
+        if add is not None and not isinstance(add, bool):
+            raise ValueError(f"{tc_path}: add_bos_token must be true or false, got {add!r}")
+        try:
+            tok = HFTokenizer(
+                tok_file, bos_id=1 if bos_id is None else bos_id,
+                eos_id=2 if eos_id is None else eos_id, add_bos=add,
+                bos_token=_token_text(tc.get("bos_token"), str(tc_path), "bos_token"),
+                eos_token=_token_text(tc.get("eos_token"), str(tc_path), "eos_token"))
+        except ValueError as e:
+            if "is not in tokenizer" not in str(e):
+                raise
+            raise ValueError(f"{tc_path}: {e}") from None
+    tok.chat_template = read_chat_template(folder, tc)
+    return tok
+
+
+def render_chat(template: str, messages: list[dict], bos_token: str = "", eos_token: str = "",
+                add_generation_prompt: bool = True) -> str:
+    """A chat template rendered as transformers' apply_chat_template renders
+    it: a sandboxed Jinja environment with trim_blocks and lstrip_blocks,
+    raise_exception, strftime_now and a tojson that keeps non-ASCII."""
+    import json
+    from datetime import datetime
+
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template).render(
+            messages=messages, bos_token=bos_token, eos_token=eos_token,
+            add_generation_prompt=add_generation_prompt)
+    except jinja2.exceptions.TemplateError as e:
+        raise ValueError(f"the chat template failed: {e}") from None
 
 
 def chat_prompt(question: str, system: str | None = CHAT_SYSTEM) -> str:

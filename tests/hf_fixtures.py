@@ -31,21 +31,28 @@ SMALL_CONFIGS = {
 }
 
 
-def make_hf_model(cfg: dict, seed: int = 0, init_std: float = 0.2):
-    """A LlamaForCausalLM with random weights, large enough (init_std) that
-    its next-token distributions are peaked rather than uniform."""
+def make_hf_model(cfg: dict, seed: int = 0, init_std: float = 0.2,
+                  arch: str = "LlamaForCausalLM"):
+    """A model of the transformers class `arch` (LlamaForCausalLM,
+    MistralForCausalLM, Qwen2ForCausalLM) with random weights, large enough
+    (init_std) that its next-token distributions are peaked rather than
+    uniform; norms away from 1 and biases away from 0 (transformers
+    initialises them to 1 and 0), so that every tensor matters."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     kw = dict(max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
               initializer_range=init_std)
     kw.update(cfg)
+    conf = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**kw)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**kw)).eval()
-    with torch.no_grad():  # norms away from 1, so that their weights matter
+    model = getattr(transformers, arch)(conf).eval()
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.5 * torch.randn_like(p))
     return model
 
 

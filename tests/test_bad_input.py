@@ -246,7 +246,7 @@ def test_corrupt_tokenizer_json(demo_copy, text):
     ("rms_norm_eps", "1e-5", "rms_norm_eps must be a positive finite number, got '1e-5'"),
     ("hidden_size", 128.0, "hidden_size must be a positive int, got 128.0"),
     ("bos_token_id", "1", "bos_token_id must be an int >= 0"),
-    ("rope_scaling", [1], "rope parameters \\[1\\] must be a JSON object"),
+    ("rope_scaling", [1], "rope_scaling must be a JSON object or null, got \\[1\\]"),
 ])
 def test_config_values_of_the_wrong_type(demo_copy, field, value, msg):
     cfg = dict(DEMO_CONFIG, **{field: value})

@@ -14,7 +14,7 @@ import pytest
 
 import pcasurgery
 from pcasurgery import _C, LlamaConfig, LlamaModel
-from pcasurgery.config import weight_names
+from pcasurgery.config import runtime_names
 
 # --------------------------------------------------------------- helpers
 
@@ -40,9 +40,9 @@ def runtime_args(model: LlamaModel) -> tuple:
     c = model.config
     cfg = (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
            c.num_key_value_heads, c.head_dim, c.vocab_size, model.n_ctx,
-           float(c.rms_norm_eps), float(c.rope_theta))
-    names = weight_names(c)
-    return cfg, [model.weights[n] for n in names], names
+           float(c.rms_norm_eps), float(c.rope_theta), None, 0)
+    names = runtime_names(c)
+    return cfg, [model.weights.get(n) for n in names], names
 
 
 class threads:
@@ -179,7 +179,7 @@ def test_runtime_refuses_sizes_that_overflow(tiny, field, value, what):
 
 
 SMALL_SHAPES = [(4, 8), (8,), (4, 8), (8,), (8, 8), (8, 8), (8, 8), (8, 8), (8,), (8, 8),
-                (8, 8), (8, 8)]  # D=8, F=8, L=1, H=KV=2, hd=4, V=4
+                (8, 8), (8, 8), None, None, None, None]  # D=8, F=8, L=1, H=KV=2, hd=4, V=4
 
 
 @pytest.mark.parametrize("seq_len,max_batch,err,match", [
@@ -190,17 +190,28 @@ SMALL_SHAPES = [(4, 8), (8,), (4, 8), (8,), (8, 8), (8, 8), (8, 8), (8, 8), (8,)
 ])
 def test_runtime_buffer_sizes_are_checked(seq_len, max_batch, err, match):
     """Arrays consistent with the config, so only the buffer sizes remain."""
-    c = (8, 8, 1, 2, 2, 4, 4, seq_len, 1e-5, 1e4)
-    arrays = [np.zeros(s, np.float32) for s in SMALL_SHAPES]
+    c = (8, 8, 1, 2, 2, 4, 4, seq_len, 1e-5, 1e4, None, 0)
+    arrays = [None if s is None else np.zeros(s, np.float32) for s in SMALL_SHAPES]
     with pytest.raises(err, match=match):
-        _C.LlamaRuntime(c, arrays, [f"w{i}" for i in range(12)], max_batch=max_batch)
+        _C.LlamaRuntime(c, arrays, [f"w{i}" for i in range(16)], max_batch=max_batch)
 
 
 def test_runtime_config_messages_show_the_values(tiny):
     cfg, arrays, names = runtime_args(tiny)
-    bad = cfg[:8] + (-1.0, 1e4)
+    bad = cfg[:8] + (-1.0, 1e4, None, 0)
     with pytest.raises(ValueError, match=r"got -1\.0 and 10000\.0"):
         _C.LlamaRuntime(bad, arrays, names)
+    with pytest.raises(ValueError, match="sliding_window must be >= 0"):
+        _C.LlamaRuntime(cfg[:11] + (-1,), arrays, names)
+    with pytest.raises(TypeError, match=r"rope_inv_freq must be None or a contiguous float32 "
+                                        r"array of shape \(4,\)"):
+        _C.LlamaRuntime(cfg[:10] + (np.ones(3, np.float32), 0), arrays, names)
+    with pytest.raises(ValueError, match=r"rope_inv_freq\[1\] must be positive and finite"):
+        _C.LlamaRuntime(cfg[:10] + (np.array([1, np.nan, 1, 1], np.float32), 0), arrays, names)
+    with pytest.raises(ValueError, match="must each hold 29 entries"):
+        _C.LlamaRuntime(cfg, arrays[:-1], names[:-1])
+    with pytest.raises(TypeError, match="model.layers.0.input_layernorm.weight must be a numpy"):
+        _C.LlamaRuntime(cfg, arrays[:3] + [None] + arrays[4:], names)
     with pytest.raises(TypeError, match="config head_dim must be an int, got 8.0"):
         _C.LlamaRuntime(cfg[:5] + (8.0,) + cfg[6:], arrays, names)
 

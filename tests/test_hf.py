@@ -148,14 +148,17 @@ def test_bad_folders(tmp_path, checkpoints):
         d.update(changes)
         (m / "config.json").write_text(json.dumps(d))
 
-    with_config(rope_scaling={"rope_type": "linear", "factor": 2.0})
-    with pytest.raises(ValueError, match="rope scaling .* is not supported"):
+    with_config(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ValueError, match="RoPE type 'dynamic' is not supported; supported: "
+                                         "default, llama3, linear"):
         LlamaModel.from_pretrained(m)
     with_config(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0})
-    with pytest.raises(ValueError, match="rope scaling .* is not supported"):
+    with pytest.raises(ValueError, match="RoPE type 'yarn' is not supported"):
         LlamaModel.from_pretrained(m)
-    with_config(architectures=["MistralForCausalLM"])
-    with pytest.raises(ValueError, match="architecture .* is not supported"):
+    with_config(architectures=["GemmaForCausalLM"])
+    with pytest.raises(ValueError, match="architecture GemmaForCausalLM is not supported; "
+                                         "supported: LlamaForCausalLM, MistralForCausalLM, "
+                                         "Qwen2ForCausalLM"):
         LlamaModel.from_pretrained(m)
     with_config(intermediate_size=200)
     with pytest.raises(ValueError, match=r"has shape \[176, 64\] but config.json implies \[200, 64\]"):
@@ -225,6 +228,11 @@ def test_tokenizer_json_folder(tmp_path, checkpoints):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(["the cat sat on the mat", "a dog ran in the park"] * 50, trainer)
     tk.save(str(m / "tokenizer.json"))
+    # no post-processor and no tokenizer_config.json: no BOS, as transformers' tokenizer
+    model = LlamaModel.from_pretrained(m)
+    assert not model.tokenizer.add_bos and model.tokenizer.encode("the cat")[0] != 1
+    (m / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}))
     model = LlamaModel.from_pretrained(m)
     ids = model.tokenizer.encode("the cat ran")
     assert ids[0] == 1 and model.tokenizer.decode(ids) == "the cat ran"
@@ -237,3 +245,56 @@ def test_tokenizer_json_folder(tmp_path, checkpoints):
     assert model.generate_ids("the cat", max_new_tokens=5) == want
     want_text = tk.decode([i for i in want if i < 300], skip_special_tokens=True)
     assert model.generate("the cat", max_new_tokens=5) == want_text
+
+
+def test_download_asks_only_for_what_the_forward_pass_reads(tmp_path, checkpoints, monkeypatch):
+    """A model id not in the cache is downloaded with huggingface_hub's
+    snapshot_download, asking for the config, the safetensors weights (not
+    .bin or consolidated copies), the tokenizer and the chat template."""
+    import fnmatch
+
+    import huggingface_hub
+
+    folder, ref = checkpoints["tied", "f32", False]
+    calls = []
+
+    def fake(repo_id, **kw):
+        calls.append((repo_id, kw))
+        return str(folder)
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    m = LlamaModel.from_pretrained("Org/remote")
+    assert m.source == str(folder) and calls[0][0] == "Org/remote"
+    assert calls[0][1]["cache_dir"] == tmp_path / "empty"
+    repo = ["config.json", "generation_config.json", "model.safetensors.index.json",
+            "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+            "consolidated.safetensors", "pytorch_model.bin", "original/consolidated.00.pth",
+            "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+            "special_tokens_map.json", "chat_template.jinja", "README.md", "LICENSE"]
+    pats = calls[0][1]["allow_patterns"]
+    got = sorted(f for f in repo if any(fnmatch.fnmatch(f, p) for p in pats))
+    assert got == sorted(set(repo) - {"consolidated.safetensors", "pytorch_model.bin",
+                                      "original/consolidated.00.pth", "README.md", "LICENSE"})
+
+
+@pytest.mark.parametrize("error,needle", [
+    ("GatedRepoError", "it is gated: accept its license on huggingface.co and log in"),
+    ("RepositoryNotFoundError", "the Hugging Face Hub has no such model"),
+    ("OSError", r"downloading it failed \(OSError: no network\)"),
+])
+def test_download_failures_are_one_clear_line(tmp_path, monkeypatch, error, needle):
+    import huggingface_hub
+    import huggingface_hub.errors as hub_errors
+
+    def fake(repo_id, **kw):
+        if error == "OSError":
+            raise OSError("no network")
+        cls = getattr(hub_errors, error)
+        raise cls.__new__(cls)
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    with pytest.raises(FileNotFoundError, match=needle) as e:
+        LlamaModel.from_pretrained("Org/private")
+    assert "\n" not in str(e.value) and "Org/private" in str(e.value)

@@ -61,7 +61,7 @@ def test_runtime_and_conversion_flat_over_1000_calls():
     """LlamaRuntime.forward / set_weight / reset and to_float32 (success and
     error paths) neither leak references nor memory."""
     from pcasurgery import LlamaConfig, LlamaModel
-    from pcasurgery.config import expected_shapes, weight_names
+    from pcasurgery.config import expected_shapes
 
     c = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
@@ -71,10 +71,9 @@ def test_runtime_and_conversion_flat_over_1000_calls():
          for n, s in expected_shapes(c).items()}
     m = LlamaModel(c, w)
     rt = m._rt
-    names = weight_names(c)
-    k_idx = names.index("model.layers.1.self_attn.k_proj.weight")
-    k_new = m.weights[names[k_idx]] * 0.5
-    k_old = m.weights[names[k_idx]]
+    k_idx = m._rt_index["model.layers.1.self_attn.k_proj.weight"]
+    k_new = m.weights["model.layers.1.self_attn.k_proj.weight"] * 0.5
+    k_old = m.weights["model.layers.1.self_attn.k_proj.weight"]
     tokens = np.arange(1, 33, dtype=np.int64)
     bf16 = (rng.standard_normal(300_000).astype(np.float32).view(np.uint32) >> 16).astype(
         np.uint16).tobytes()
