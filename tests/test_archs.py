@@ -271,12 +271,10 @@ def test_surgery_and_save_load_back_in_transformers(checkpoints, key, tmp_path):
 
 def test_cli_kv_budget_on_qwen2_says_what_biases_cost(checkpoints, tmp_path):
     """The equal-budget run works on a model with biases and says that the
-    latent cache needs no bytes for them; --save writes a Qwen2 folder."""
+    latent cache needs no bytes for them."""
     from conftest import cli
 
-    folder, _ = checkpoints["qwen2", "f32", False]
-    text = tmp_path / "eval.txt"
-    text.write_text("the cat sat on the mat. " * 40)
+    folder, _ = checkpoints["qwen2", "f32", False]  # no tokenizer: eval text sampled
     r = cli("--model", folder, "--kv-budget", "0.5", "--mode", "shared-kv,kv-int8",
             "--basis", "weights,activations", "--calib-tokens", "128", "--eval-tokens", "96",
             "--max-new-tokens", "0", env={"PCASURGERY_CACHE": str(tmp_path / "cache")})
