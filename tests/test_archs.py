@@ -274,7 +274,21 @@ def test_cli_kv_budget_on_qwen2_says_what_biases_cost(checkpoints, tmp_path):
     latent cache needs no bytes for them."""
     from conftest import cli
 
-    folder, _ = checkpoints["qwen2", "f32", False]  # no tokenizer: eval text sampled
+    import shutil
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder = tmp_path / "qwen2"
+    shutil.copytree(checkpoints["qwen2", "f32", False][0], folder)
+    tk = Tokenizer(models.BPE())  # Qwen2-style byte-level BPE, no BOS
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(["the cat sat on the mat"] * 20, trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": None, "eos_token": "<|endoftext|>"}))
     r = cli("--model", folder, "--kv-budget", "0.5", "--mode", "shared-kv,kv-int8",
             "--basis", "weights,activations", "--calib-tokens", "128", "--eval-tokens", "96",
             "--max-new-tokens", "0", env={"PCASURGERY_CACHE": str(tmp_path / "cache")})
