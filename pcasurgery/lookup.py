@@ -25,14 +25,27 @@ MODEL_FILES = ["config.json", "generation_config.json", "model.safetensors",
                "chat_template.jinja"]
 
 
+def _hub():
+    """huggingface_hub, imported without the warning its tqdm.auto import
+    prints in a Jupyter kernel without ipywidgets (progress bars then fall
+    back to text)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import huggingface_hub
+
+        # its submodules load lazily, on first attribute access: load them here
+        huggingface_hub.snapshot_download, huggingface_hub.try_to_load_from_cache  # noqa: B018
+    return huggingface_hub
+
+
 def find_in_hf_cache(model_id: str) -> Path | None:
     """The snapshot folder of `model_id` (its main revision) in the local
     Hugging Face cache, found by huggingface_hub itself, or None when it is
     not there (or has no config.json)."""
-    from huggingface_hub import try_to_load_from_cache
-
     try:
-        cfg = try_to_load_from_cache(model_id, "config.json", cache_dir=hf_cache_dir())
+        cfg = _hub().try_to_load_from_cache(model_id, "config.json", cache_dir=hf_cache_dir())
     except ValueError:  # not a valid repo id
         return None
     return Path(cfg).parent if isinstance(cfg, str) else None
@@ -42,12 +55,12 @@ def download(model_id: str) -> Path:
     """Download the files the forward pass needs (MODEL_FILES) of a model id
     into the Hugging Face cache, with huggingface_hub's progress bars; one
     clear FileNotFoundError for a gated, missing or unreachable model."""
-    from huggingface_hub import snapshot_download
+    hub = _hub()
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(model_id, cache_dir=hf_cache_dir(),
-                                      allow_patterns=MODEL_FILES))
+        return Path(hub.snapshot_download(model_id, cache_dir=hf_cache_dir(),
+                                          allow_patterns=MODEL_FILES))
     except GatedRepoError:
         reason = ("it is gated: accept its license on huggingface.co and log in "
                   "(`hf auth login`)")

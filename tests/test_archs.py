@@ -272,10 +272,9 @@ def test_surgery_and_save_load_back_in_transformers(checkpoints, key, tmp_path):
 def test_cli_kv_budget_on_qwen2_says_what_biases_cost(checkpoints, tmp_path):
     """The equal-budget run works on a model with biases and says that the
     latent cache needs no bytes for them."""
-    from conftest import cli
-
     import shutil
 
+    from conftest import cli
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     folder = tmp_path / "qwen2"
