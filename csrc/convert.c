@@ -182,3 +182,26 @@ int pcs_convert_to_f32(float *out, const void *src, size_t n, int dtype, int n_t
     }
     return PCS_OK;
 }
+
+/* Index of the first NaN/Inf among n bf16 values (exponent all ones), or n
+ * when all are finite; a vectorised OR-reduction per block of 4096 values. */
+VECTORISE static uint32_t bf16_special(const uint16_t *restrict src, size_t n)
+{
+    uint32_t special = 0;
+    for (size_t i = 0; i < n; i++)
+        special |= (uint32_t)(src[i] & 0x7f80u) + 0x0080u; /* carries into bit 15 iff all ones */
+    return (special >> 15) & 1u;
+}
+
+size_t pcs_bf16_first_nonfinite(const unsigned short *src, size_t n)
+{
+    enum { BLOCK = 4096 };
+    for (size_t b = 0; b < n; b += BLOCK) {
+        const size_t m = n - b < BLOCK ? n - b : BLOCK;
+        if (bf16_special(src + b, m))
+            for (size_t i = b; i < b + m; i++)
+                if ((src[i] & 0x7f80u) == 0x7f80u)
+                    return i;
+    }
+    return n;
+}

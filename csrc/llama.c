@@ -177,8 +177,18 @@ int pcs_llama_state_init(PcsLlamaState *s, const PcsLlamaConfig *c, size_t max_b
     return PCS_OK;
 }
 
+int pcs_llama_state_bf16(PcsLlamaState *s, const PcsLlamaConfig *c)
+{
+    if (s->wbuf)
+        return PCS_OK;
+    const size_t width = max_sz(max_sz(c->dim, c->hidden_dim), c->n_heads * c->head_dim);
+    s->wbuf = malloc((size_t)PCS_BF16_ROWS * width * sizeof(float)); /* sizes checked at init */
+    return s->wbuf ? PCS_OK : PCS_ERR_NOMEM;
+}
+
 void pcs_llama_state_free(PcsLlamaState *s)
 {
+    free(s->wbuf);
     free(s->kq_cache);
     free(s->att2);
     free(s->block);
@@ -234,10 +244,10 @@ static void rmsnorm_forward(float *out, const float *x, const float *w, size_t T
     }
 }
 
-/* out (T, n_out) = beta * out + x (T, n_in) @ W^T, W (n_out, n_in);
+/* out (T, n_out) = beta * out + x (T, n_in) @ W^T, W (n_out, n_in) float32;
  * ldo / ldx are row strides. One token: a gemv (bandwidth-bound decode). */
-static void matmul_forward(float *out, size_t ldo, const float *x, size_t ldx, const float *W,
-                           size_t T, size_t n_in, size_t n_out, float beta)
+static void matmul_f32(float *out, size_t ldo, const float *x, size_t ldx, const float *W,
+                       size_t T, size_t n_in, size_t n_out, float beta)
 {
     if (T == 1)
         pcs_cblas_sgemv(PcsRowMajor, PcsNoTrans, (pcs_blasint)n_out, (pcs_blasint)n_in, 1.0f,
@@ -246,6 +256,22 @@ static void matmul_forward(float *out, size_t ldo, const float *x, size_t ldx, c
         pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsTrans, (pcs_blasint)T, (pcs_blasint)n_out,
                         (pcs_blasint)n_in, 1.0f, x, (pcs_blasint)ldx, W, (pcs_blasint)n_in,
                         beta, out, (pcs_blasint)ldo);
+}
+
+/* The same for a weight that may be bf16 (bf16.c: widened as it is read;
+ * decode on pcasurgery's threads, prefill through sgemm on widened blocks). */
+static void matmul_forward(float *out, size_t ldo, const float *x, size_t ldx, PcsMat W,
+                           size_t T, size_t n_in, size_t n_out, float beta,
+                           const PcsLlamaState *s)
+{
+    if (!W.bf16)
+        matmul_f32(out, ldo, x, ldx, (const float *)W.data, T, n_in, n_out, beta);
+    else if (T == 1)
+        pcs_gemv_bf16(out, (const unsigned short *)W.data, x, n_out, n_in, beta,
+                      pcs_get_num_threads());
+    else
+        pcs_matmul_bf16(out, ldo, x, ldx, (const unsigned short *)W.data, T, n_in, n_out, beta,
+                        s->wbuf, PCS_BF16_ROWS, pcs_get_num_threads());
 }
 
 /* Rotate every head of v (T, n_heads * hd) in place, token t at position P + t. */
@@ -329,17 +355,17 @@ static void latent_kv_forward(float *kt, float *vt, PcsLlamaState *s, const PcsL
     const size_t LW = 2 * Dkv + 2; /* row stride of s->lat */
     const PcsKvQuant *Qz = &s->quant;
     float *lk = s->lat, *lv = s->lat + L->k_rank; /* (T, rk), (T, rv) */
-    matmul_forward(lk, LW, xb, D, L->k_down, T, D, L->k_rank, 0.0f);
+    matmul_f32(lk, LW, xb, D, L->k_down, T, D, L->k_rank, 0.0f);
     if (Qz->latent_bits)
         pcs_fake_quant_rows(lk, T, L->k_rank, LW, Qz->latent_bits, Qz->latent_group);
     if (L->v_down) {
-        matmul_forward(lv, LW, xb, D, L->v_down, T, D, L->v_rank, 0.0f);
+        matmul_f32(lv, LW, xb, D, L->v_down, T, D, L->v_rank, 0.0f);
         if (Qz->latent_bits)
             pcs_fake_quant_rows(lv, T, L->v_rank, LW, Qz->latent_bits, Qz->latent_group);
     } else
         lv = lk;
-    matmul_forward(kt, Dkv, lk, LW, L->k_up, T, L->k_rank, Dkv, 0.0f);
-    matmul_forward(vt, Dkv, lv, LW, L->v_up, T, L->v_down ? L->v_rank : L->k_rank, Dkv, 0.0f);
+    matmul_f32(kt, Dkv, lk, LW, L->k_up, T, L->k_rank, Dkv, 0.0f);
+    matmul_f32(vt, Dkv, lv, LW, L->v_up, T, L->v_down ? L->v_rank : L->k_rank, Dkv, 0.0f);
 }
 
 /* Per-channel K (KIVI): a query at position p sees the keys of complete
@@ -384,8 +410,13 @@ static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig 
     float *hb = s->hb;   /* (T, F) */
     float *hb2 = s->hb2; /* (T, F) */
 
-    for (size_t t = 0; t < T; t++)
-        memcpy(x + t * D, w->tok_emb + (size_t)tokens[t] * D, D * sizeof(float));
+    for (size_t t = 0; t < T; t++) {
+        const size_t row = (size_t)tokens[t] * D;
+        if (w->tok_emb.bf16)
+            pcs_widen_bf16(x + t * D, (const unsigned short *)w->tok_emb.data + row, D, 1);
+        else
+            memcpy(x + t * D, (const float *)w->tok_emb.data + row, D * sizeof(float));
+    }
 
     for (size_t l = 0; l < c->n_layers; l++) {
         const PcsLlamaLayer *L = &w->layers[l];
@@ -397,12 +428,12 @@ static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig 
         rmsnorm_forward(xb, x, L->attn_norm, T, D, c->rms_eps);
         if (s->calib_sigma)
             calib_accumulate(s, xb, T, D, l);
-        matmul_forward(q, Dq, xb, D, L->wq, T, D, Dq, 0.0f);
+        matmul_forward(q, Dq, xb, D, L->wq, T, D, Dq, 0.0f, s);
         if (L->k_down)
             latent_kv_forward(kt, vt, s, L, xb, T, D, Dkv);
         else {
-            matmul_forward(kt, Dkv, xb, D, L->wk, T, D, Dkv, 0.0f);
-            matmul_forward(vt, Dkv, xb, D, L->wv, T, D, Dkv, 0.0f);
+            matmul_forward(kt, Dkv, xb, D, L->wk, T, D, Dkv, 0.0f, s);
+            matmul_forward(vt, Dkv, xb, D, L->wv, T, D, Dkv, 0.0f, s);
         }
         add_bias(q, Dq, L->bq, T, Dq);
         add_bias(kt, Dkv, L->bk, T, Dkv);
@@ -452,27 +483,27 @@ static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig 
             }
         }
         /* x += out @ Wo^T (+ bo) */
-        matmul_forward(x, D, xb, Dq, L->wo, T, Dq, D, 1.0f);
+        matmul_forward(x, D, xb, Dq, L->wo, T, Dq, D, 1.0f, s);
         add_bias(x, D, L->bo, T, D);
 
         /* SwiGLU MLP: x += W_down (silu(W_gate xn) * W_up xn) */
         rmsnorm_forward(xb, x, L->ffn_norm, T, D, c->rms_eps);
-        matmul_forward(hb, F, xb, D, L->w_gate, T, D, F, 0.0f);
-        matmul_forward(hb2, F, xb, D, L->w_up, T, D, F, 0.0f);
+        matmul_forward(hb, F, xb, D, L->w_gate, T, D, F, 0.0f, s);
+        matmul_forward(hb2, F, xb, D, L->w_up, T, D, F, 0.0f, s);
         for (size_t i = 0; i < T * F; i++) {
             float g = hb[i];
             hb[i] = g / (1.0f + expf(-g)) * hb2[i];
         }
-        matmul_forward(x, D, hb, F, L->w_down, T, F, D, 1.0f);
+        matmul_forward(x, D, hb, F, L->w_down, T, F, D, 1.0f, s);
     }
 
     /* final norm and the classifier, for every row or only the last */
     if (all_logits) {
         rmsnorm_forward(xb, x, w->final_norm, T, D, c->rms_eps);
-        matmul_forward(logits, V, xb, D, w->lm_head, T, D, V, 0.0f);
+        matmul_forward(logits, V, xb, D, w->lm_head, T, D, V, 0.0f, s);
     } else {
         rmsnorm_forward(xb, x + (T - 1) * D, w->final_norm, 1, D, c->rms_eps);
-        matmul_forward(logits, V, xb, D, w->lm_head, 1, D, V, 0.0f);
+        matmul_forward(logits, V, xb, D, w->lm_head, 1, D, V, 0.0f, s);
     }
 }
 
@@ -482,6 +513,16 @@ int pcs_llama_forward(float *logits, PcsLlamaState *s, const PcsLlamaConfig *c,
 {
     if (T == 0 || P > s->n_cached || P + T > c->seq_len)
         return PCS_ERR_ARG;
+    if (!s->wbuf) { /* bf16 weights need the widening buffer (pcs_llama_state_bf16) */
+        int bf16 = w->tok_emb.bf16 || w->lm_head.bf16;
+        for (size_t l = 0; l < c->n_layers && !bf16; l++) {
+            const PcsLlamaLayer *L = &w->layers[l];
+            bf16 = L->wq.bf16 || L->wk.bf16 || L->wv.bf16 || L->wo.bf16 || L->w_gate.bf16 ||
+                   L->w_up.bf16 || L->w_down.bf16;
+        }
+        if (bf16)
+            return PCS_ERR_ARG;
+    }
     for (size_t t = 0; t < T; t++)
         if (tokens[t] < 0 || (size_t)tokens[t] >= c->vocab_size)
             return PCS_ERR_ARG;

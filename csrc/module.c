@@ -638,16 +638,38 @@ static void runtime_shape(const PcsLlamaConfig *c, Py_ssize_t idx, npy_intp dims
     }
 }
 
-static void runtime_point(PcsLlamaWeights *w, Py_ssize_t idx, const float *p)
+/* Is array `idx` a weight matrix (float32 or bf16), not a norm or bias
+ * (float32 only)? */
+static int runtime_is_matrix(Py_ssize_t idx)
 {
-    if (idx == 0) { w->tok_emb = p; return; }
+    if (idx < RT_GLOBAL)
+        return idx != 1;
+    const Py_ssize_t k = (idx - RT_GLOBAL) % RT_PER_LAYER;
+    return k != 0 && k != 5 && k < RT_FIRST_BIAS;
+}
+
+static void runtime_point(PcsLlamaWeights *w, Py_ssize_t idx, const void *p, int bf16)
+{
+    const PcsMat m = {p, bf16};
+    if (idx == 0) { w->tok_emb = m; return; }
     if (idx == 1) { w->final_norm = p; return; }
-    if (idx == 2) { w->lm_head = p; return; }
+    if (idx == 2) { w->lm_head = m; return; }
     PcsLlamaLayer *L = &w->layers[(idx - RT_GLOBAL) / RT_PER_LAYER];
-    const float **slot[RT_PER_LAYER] = {&L->attn_norm, &L->wq, &L->wk, &L->wv, &L->wo,
-                                        &L->ffn_norm, &L->w_gate, &L->w_up, &L->w_down,
-                                        &L->bq, &L->bk, &L->bv, &L->bo};
-    *slot[(idx - RT_GLOBAL) % RT_PER_LAYER] = p;
+    switch ((idx - RT_GLOBAL) % RT_PER_LAYER) {
+    case 0: L->attn_norm = p; break;
+    case 1: L->wq = m; break;
+    case 2: L->wk = m; break;
+    case 3: L->wv = m; break;
+    case 4: L->wo = m; break;
+    case 5: L->ffn_norm = p; break;
+    case 6: L->w_gate = m; break;
+    case 7: L->w_up = m; break;
+    case 8: L->w_down = m; break;
+    case 9: L->bq = p; break;
+    case 10: L->bk = p; break;
+    case 11: L->bv = p; break;
+    default: L->bo = p; break;
+    }
 }
 
 /* Is array `idx` one of a layer's optional biases (None allowed)? */
@@ -670,10 +692,13 @@ static PyArrayObject *runtime_check(const PcsLlamaConfig *c, Py_ssize_t idx, PyO
         return NULL;
     }
     PyArrayObject *a = (PyArrayObject *)obj;
-    if (PyArray_TYPE(a) != NPY_FLOAT32 || !PyArray_IS_C_CONTIGUOUS(a) ||
-        !PyArray_ISALIGNED(a) || !PyArray_ISNOTSWAPPED(a)) {
+    const int bf16_ok = runtime_is_matrix(idx);
+    if (!(PyArray_TYPE(a) == NPY_FLOAT32 || (bf16_ok && PyArray_TYPE(a) == NPY_UINT16)) ||
+        !PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISALIGNED(a) || !PyArray_ISNOTSWAPPED(a)) {
         PyErr_Format(PyExc_TypeError,
-                     "%s must be a C-contiguous, aligned float32 array", name);
+                     bf16_ok ? "%s must be a C-contiguous, aligned float32 array or uint16 "
+                               "array of bf16 bits"
+                             : "%s must be a C-contiguous, aligned float32 array", name);
         return NULL;
     }
     int ok = PyArray_NDIM(a) == nd;
@@ -811,6 +836,7 @@ static int runtime_init(LlamaRuntime *self, PyObject *args, PyObject *kwargs)
     PcsLlamaConfig c = {0};
     PcsLlamaState st = {0};
     PcsLlamaLayer *layers = NULL;
+    int any_bf16 = 0;
     if (self->arrays) {
         PyErr_SetString(PyExc_RuntimeError, "LlamaRuntime is already initialised");
         return -1;
@@ -858,10 +884,16 @@ static int runtime_init(LlamaRuntime *self, PyObject *args, PyObject *kwargs)
         if (!a)
             goto fail;
         Py_DECREF(a); /* `arrays` holds it */
-        runtime_point(&w, i, (const float *)PyArray_DATA(a));
+        const int bf16 = PyArray_TYPE(a) == NPY_UINT16;
+        any_bf16 |= bf16;
+        runtime_point(&w, i, PyArray_DATA(a), bf16);
     }
     const char *too_large = NULL;
     int status = pcs_llama_state_init(&st, &c, (size_t)max_batch, &too_large);
+    if (!status && any_bf16 && pcs_llama_state_bf16(&st, &c)) {
+        pcs_llama_state_free(&st);
+        status = PCS_ERR_NOMEM;
+    }
     if (status) {
         if (status == PCS_ERR_NOMEM)
             PyErr_Format(PyExc_MemoryError,
@@ -1324,7 +1356,12 @@ static PyObject *runtime_set_weight(LlamaRuntime *self, PyObject *args)
     PyArrayObject *a = runtime_check(&self->cfg, idx, obj, name);
     if (!a)
         return NULL;
-    runtime_point(&self->w, idx, (const float *)PyArray_DATA(a));
+    const int bf16 = PyArray_TYPE(a) == NPY_UINT16;
+    if (bf16 && pcs_llama_state_bf16(&self->st, &self->cfg)) {
+        Py_DECREF(a);
+        return PyErr_NoMemory();
+    }
+    runtime_point(&self->w, idx, PyArray_DATA(a), bf16);
     PyList_SetItem(self->arrays, idx, (PyObject *)a); /* steals a, drops the old */
     Py_RETURN_NONE;
 }
@@ -1630,6 +1667,36 @@ static PyObject *blas_config(PyObject *module, PyObject *unused)
     return PyUnicode_FromString(c ? c : "");
 }
 
+PyDoc_STRVAR(bf16_nonfinite_doc, "bf16_nonfinite(bits, /)\n--\n\n"
+"Flat index of the first NaN or Inf in a C-contiguous uint16 array of bf16\n"
+"bits, or -1 when every value is finite.");
+
+static PyObject *bf16_nonfinite(PyObject *module, PyObject *arg)
+{
+    if (!PyArray_Check(arg) || PyArray_TYPE((PyArrayObject *)arg) != NPY_UINT16 ||
+        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)arg) ||
+        !PyArray_ISALIGNED((PyArrayObject *)arg)) {
+        PyErr_SetString(PyExc_TypeError, "bits must be a C-contiguous, aligned uint16 array");
+        return NULL;
+    }
+    PyArrayObject *a = (PyArrayObject *)arg;
+    const size_t n = (size_t)PyArray_SIZE(a);
+    size_t at;
+    Py_BEGIN_ALLOW_THREADS
+    at = pcs_bf16_first_nonfinite((const unsigned short *)PyArray_DATA(a), n);
+    Py_END_ALLOW_THREADS
+    return at == n ? PyLong_FromLong(-1) : PyLong_FromSize_t(at);
+}
+
+PyDoc_STRVAR(bf16_kernel_doc, "bf16_kernel()\n--\n\n"
+"The bf16 dot-product kernel chosen for this CPU at run time: 'avx512f',\n"
+"'avx2+fma' or 'generic'.");
+
+static PyObject *bf16_kernel(PyObject *module, PyObject *unused)
+{
+    return PyUnicode_FromString(pcs_bf16_kernel());
+}
+
 static PyObject *blas_library(PyObject *module, PyObject *unused)
 {
     const char *path = pcs_blas_library();
@@ -1660,6 +1727,8 @@ static PyMethodDef methods[] = {
      "blas_config($module, /)\n--\n\nThe OpenBLAS build string (version, core, threads)."},
     {"blas_library", blas_library, METH_NOARGS,
      "blas_library($module, /)\n--\n\nPath of the shared library that provides our BLAS."},
+    {"bf16_kernel", bf16_kernel, METH_NOARGS, bf16_kernel_doc},
+    {"bf16_nonfinite", bf16_nonfinite, METH_O, bf16_nonfinite_doc},
     {NULL, NULL, 0, NULL},
 };
 

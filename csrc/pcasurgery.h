@@ -106,18 +106,25 @@ typedef struct {
     size_t sliding_window;
 } PcsLlamaConfig;
 
+/* A weight matrix, row-major (out, in): float32, or bf16 bits (uint16)
+ * that the kernels widen to float32 as they read them (bf16.c). */
+typedef struct {
+    const void *data;
+    int bf16;
+} PcsMat;
+
 /* One decoder layer's weights, row-major (out, in); borrowed from arrays
  * that the caller keeps alive. */
 typedef struct {
     const float *attn_norm; /* (D) */
-    const float *wq;        /* (Dq, D) */
-    const float *wk;        /* (Dkv, D) */
-    const float *wv;        /* (Dkv, D) */
-    const float *wo;        /* (D, Dq) */
+    PcsMat wq;              /* (Dq, D) */
+    PcsMat wk;              /* (Dkv, D) */
+    PcsMat wv;              /* (Dkv, D) */
+    PcsMat wo;              /* (D, Dq) */
     const float *ffn_norm;  /* (D) */
-    const float *w_gate;    /* (F, D) */
-    const float *w_up;      /* (F, D) */
-    const float *w_down;    /* (D, F) */
+    PcsMat w_gate;          /* (F, D) */
+    PcsMat w_up;            /* (F, D) */
+    PcsMat w_down;          /* (D, F) */
     /* Optional latent K/V (k_down NULL: K = wk x and V = wv x). With k_down
      * set, K = k_up (k_down x): k_down (rk, D), k_up (Dkv, rk); V likewise
      * from v_down (rv, D) and v_up (Dkv, rv), or, when v_down is NULL, from
@@ -133,9 +140,9 @@ typedef struct {
 } PcsLlamaLayer;
 
 typedef struct {
-    const float *tok_emb;    /* (V, D) */
+    PcsMat tok_emb;          /* (V, D) */
     const float *final_norm; /* (D) */
-    const float *lm_head;    /* (V, D), may equal tok_emb (tied) */
+    PcsMat lm_head;          /* (V, D), may equal tok_emb (tied) */
     PcsLlamaLayer *layers;   /* (L) */
 } PcsLlamaWeights;
 
@@ -174,8 +181,13 @@ typedef struct {
      * RMSNorm: sigma (L, D, D) += h h^T (upper triangle), sum (L, D) += h */
     double *calib_sigma, *calib_sum;
     float *calib_tmp;  /* (D, D) */
+    /* bf16 weights in prefill: PCS_BF16_ROWS rows widened at a time
+     * (PCS_BF16_ROWS, max(D, F, Dq)); NULL until pcs_llama_state_bf16 */
+    float *wbuf;
     void *block;
 } PcsLlamaState;
+
+enum { PCS_BF16_ROWS = 128 };
 
 /* PCS_ERR_ARG for a zero size, n_heads not a multiple of n_kv_heads or an
  * odd head_dim; PCS_ERR_TOO_LARGE, with the quantity named in *what, when a
@@ -191,6 +203,10 @@ void pcs_llama_state_free(PcsLlamaState *s);
 int pcs_llama_forward(float *logits, PcsLlamaState *s, const PcsLlamaConfig *c,
                       const PcsLlamaWeights *w, const int *tokens, size_t T, size_t P,
                       int all_logits);
+
+/* Allocate the state's bf16 widening buffer (once; PCS_ERR_NOMEM). Needed
+ * before a forward pass over any bf16 weight. */
+int pcs_llama_state_bf16(PcsLlamaState *s, const PcsLlamaConfig *c);
 
 /* Set the cache quantisation; allocates kq_cache/att2 for per-channel K
  * (frees them otherwise). PCS_ERR_ARG for bits outside 0..8 or a zero group
@@ -227,6 +243,29 @@ enum { PCS_DTYPE_F32 = 0, PCS_DTYPE_F16 = 1, PCS_DTYPE_BF16 = 2 };
  * the first in *nonfinite_at. */
 int pcs_convert_to_f32(float *out, const void *src, size_t n, int dtype, int n_threads,
                        size_t *nonfinite_at);
+
+/* ---- threads for the core's own kernels (pool.c): fn(arg, id, n) for id
+ * 0..n-1, id 0 on the calling thread, the others on persistent workers */
+typedef void (*pcs_task_fn)(void *arg, int id, int n);
+void pcs_parallel(pcs_task_fn fn, void *arg, int n);
+
+/* ---- bf16-resident weights (bf16.c): W (n_out, n_in) bf16 bits */
+/* out (n_out) = beta * out + W x (n_in), rows split over n_threads */
+void pcs_gemv_bf16(float *out, const unsigned short *W, const float *x, size_t n_out,
+                   size_t n_in, float beta, int n_threads);
+/* dst (n) float32 = the bf16 values src (n) */
+void pcs_widen_bf16(float *dst, const unsigned short *src, size_t n, int n_threads);
+/* out (T, n_out) row stride ldo = beta * out + x (T, n_in) W^T, W widened
+ * buf_rows rows at a time into buf (buf_rows, n_in) and multiplied by sgemm */
+void pcs_matmul_bf16(float *out, size_t ldo, const float *x, size_t ldx,
+                     const unsigned short *W, size_t T, size_t n_in, size_t n_out, float beta,
+                     float *buf, size_t buf_rows, int n_threads);
+/* "avx512f", "avx2+fma" or "generic": the dot product chosen at run time */
+const char *pcs_bf16_kernel(void);
+
+/* Index of the first NaN/Inf of n bf16 values, or n when all are finite
+ * (convert.c). */
+size_t pcs_bf16_first_nonfinite(const unsigned short *src, size_t n);
 
 /* ---- threads (core.c): our OpenBLAS's own pool */
 void pcs_set_num_threads(int n);

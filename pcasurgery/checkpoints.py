@@ -245,13 +245,18 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], i
 
 def load_safetensors(
     path: str | os.PathLike, names: list[str] | None = None,
-    header: tuple[dict[str, dict], int] | None = None,
+    header: tuple[dict[str, dict], int] | None = None, bf16: frozenset[str] = frozenset(),
 ) -> dict[str, np.ndarray]:
     """Tensors of a .safetensors file as float32 arrays (F32, F16 and BF16
-    converted in C). The file is memory-mapped; the pages of each tensor are
-    released once it is converted, so the process holds one float32 copy.
+    converted in C), except those named in `bf16`: uint16 arrays of bf16
+    bits, memory-mapped from the file when it holds them as BF16 at an even
+    offset (no copy; the pages stay the file's), else converted and rounded.
+    Every value is checked for NaN/Inf. Converted tensors' pages are released
+    once read, so the process holds one copy of each tensor.
     header: what :func:`read_safetensors_header` returned for it, if read."""
     import mmap
+
+    from .dtypes import to_bf16_bits
 
     path = Path(path)
     entries, data_start = header if header is not None else read_safetensors_header(path)
@@ -259,7 +264,10 @@ def load_safetensors(
     out: dict[str, np.ndarray] = {}
     if not entries:
         return out
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    mapped = False  # arrays that view mm keep it open; otherwise it is closed here
+    try:
         # one pass in file order (sequential reads), whatever order was asked
         for name in sorted(wanted, key=lambda n: entries[n]["begin"]):
             e = entries[name]
@@ -270,12 +278,31 @@ def load_safetensors(
                 )
             start = data_start + e["begin"]
             nbytes = e["end"] - e["begin"]
-            out[name] = _C.to_float32(mm, start, nbytes, e["dtype"], e["shape"],
-                                      f"{path}: tensor {name!r}")
+            where = f"{path}: tensor {name!r}"
+            if name in bf16 and e["dtype"] == "BF16" and start % 2 == 0:
+                a = np.frombuffer(mm, dtype=np.uint16, count=nbytes // 2,
+                                  offset=start).reshape(e["shape"])
+                bad = _C.bf16_nonfinite(a)
+                if bad >= 0:
+                    raise ValueError(f"{where} contains NaN or Inf (first at flat index {bad} "
+                                     f"of {a.size}); expected finite weights")
+                out[name] = a
+                mapped = True
+                continue
+            a = _C.to_float32(mm, start, nbytes, e["dtype"], e["shape"], where)
+            if name in bf16:
+                a = to_bf16_bits(a)
+                bad = _C.bf16_nonfinite(a)
+                if bad >= 0:  # a float32 beyond bf16's range rounds to Inf
+                    raise ValueError(f"{where} overflows bfloat16 (flat index {bad})")
+            out[name] = a
             if hasattr(mm, "madvise") and nbytes:
                 page = mmap.PAGESIZE
                 lo = start - start % page
                 mm.madvise(mmap.MADV_DONTNEED, lo, start + nbytes - lo)
+    finally:
+        if not mapped:
+            mm.close()
     return out
 
 
@@ -433,10 +460,14 @@ def _shard_name(name: object, index: Path, tensor: str) -> str:
     return str(p)
 
 
-def load_hf_folder(folder: str | os.PathLike) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+def load_hf_folder(folder: str | os.PathLike, dtype: str | None = None
+                   ) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
     """config.json plus model.safetensors, or the shards that
     model.safetensors.index.json lists; every tensor checked against the
-    config's shapes."""
+    config's shapes. dtype "bfloat16": the weight matrices stay bf16 (uint16
+    arrays of bf16 bits, memory-mapped where the file allows); "float32":
+    everything widened; None: bfloat16 when the checkpoint's matrices are
+    all BF16, else float32."""
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
@@ -465,8 +496,10 @@ def load_hf_folder(folder: str | os.PathLike) -> tuple[LlamaConfig, dict[str, np
             if n not in weight_map:
                 raise ValueError(f"{index} does not list tensor {n!r}")
             files.setdefault(_shard_name(weight_map[n], index, n), []).append(n)
-    weights: dict[str, np.ndarray] = {}
-    for fname, names in files.items():
+    from .config import is_matrix
+    from .dtypes import check_dtype
+
+    for fname, names in files.items():  # every header and shape first, then the data
         fpath = folder / fname
         if fpath not in headers:
             headers[fpath] = read_safetensors_header(fpath)
@@ -479,7 +512,16 @@ def load_hf_folder(folder: str | os.PathLike) -> tuple[LlamaConfig, dict[str, np
                     f"{fpath}: tensor {n!r} has shape {list(header[n]['shape'])} but "
                     f"config.json implies {list(shapes[n])}"
                 )
-        weights.update(load_safetensors(fpath, names, headers[fpath]))
+    if dtype is None:
+        stored = {headers[folder / f][0][n]["dtype"] for f, ns in files.items() for n in ns
+                  if is_matrix(n)}
+        dtype = "bfloat16" if stored == {"BF16"} else "float32"
+    check_dtype(dtype)
+    weights: dict[str, np.ndarray] = {}
+    for fname, names in files.items():
+        fpath = folder / fname
+        keep = frozenset(n for n in names if is_matrix(n)) if dtype == "bfloat16" else frozenset()
+        weights.update(load_safetensors(fpath, names, headers[fpath], bf16=keep))
     if config.tie_word_embeddings:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     return config, weights

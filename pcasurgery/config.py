@@ -169,6 +169,15 @@ BIAS_KEYS = (
 )
 
 
+MATRIX_KEYS = tuple(k for k in LAYER_KEYS if "norm" not in k)
+
+
+def is_matrix(name: str) -> bool:
+    """A weight matrix (the embedding, lm_head, the seven projections of a
+    layer), which can stay bf16 in memory; norms and biases are float32."""
+    return name in ("model.embed_tokens.weight", "lm_head.weight") or name.endswith(MATRIX_KEYS)
+
+
 def layer_keys(config: LlamaConfig) -> tuple[str, ...]:
     """A layer's tensors: the nine weights, then the biases it has."""
     return LAYER_KEYS + BIAS_KEYS[:3 * config.qkv_bias + config.o_bias]

@@ -109,17 +109,11 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str = "
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     off = 0
     blobs = []
+    from .dtypes import to_bf16_bits
+
     for name, a in tensors.items():
         a = np.ascontiguousarray(a, dtype=np.float32)
-        if dtype == "BF16":
-            u = a.view(np.uint32).astype(np.uint64)
-            u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16  # round to nearest even
-            nan = np.isnan(a)
-            b = u.astype(np.uint16)
-            b[nan] = 0x7FC0
-            raw = b.tobytes()
-        else:
-            raw = a.tobytes()
+        raw = to_bf16_bits(a).tobytes() if dtype == "BF16" else a.tobytes()
         header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [off, off + len(raw)]}
         blobs.append(raw)
         off += len(raw)

@@ -1,8 +1,11 @@
 """LlamaModel: a Llama-family decoder whose forward pass runs in C.
 
-The weights are float32 NumPy arrays owned by this object and keyed by their
-Hugging Face names; the C runtime borrows them. ``set_weight`` swaps one
-(e.g. a PCA-reconstructed k_proj) without reloading or copying the others.
+The weights are NumPy arrays owned by this object and keyed by their Hugging
+Face names; the C runtime borrows them. With dtype "bfloat16" the weight
+matrices stay bf16 in memory (uint16 arrays of bf16 bits, memory-mapped from
+the checkpoint where possible) and the kernels widen them as they read;
+norms and biases are float32. ``set_weight`` swaps one (e.g. a
+PCA-reconstructed k_proj) without reloading or copying the others.
 """
 from __future__ import annotations
 
@@ -34,13 +37,19 @@ def _token_text_of(tok: Any, i: int | None) -> str:
 
 
 class WeightsView(Mapping):
-    """Read-only mapping name -> float32 array of a model's weights."""
+    """Read-only mapping name -> float32 array of a model's weights (a
+    bf16-resident matrix is widened on each access: a float32 copy)."""
 
     def __init__(self, model: LlamaModel) -> None:
         self._m = model
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return self._m._weights[name]
+        a = self._m._weights[name]
+        if a.dtype == np.uint16:
+            from .dtypes import from_bf16_bits
+
+            return from_bf16_bits(a)
+        return a
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._m._weights)
@@ -67,6 +76,12 @@ class LlamaModel:
     max_batch : int
         Tokens per prefill chunk (bounds the activation buffers; at most the
         context is used).
+    dtype : "float32", "bfloat16" or None
+        How the weight matrices are held. bfloat16: uint16 arrays of bf16
+        bits are kept as they are (no copy), float arrays are rounded to
+        bf16; the kernels compute in float32 on the widened values. None:
+        bfloat16 when the given matrices are all uint16 (bf16 bits), else
+        float32.
 
     Threads: a model may be shared between threads. Each call that runs it
     (``logits``, ``generate``, ``generate_ids``, ``perplexity``,
@@ -88,13 +103,22 @@ class LlamaModel:
         n_ctx: int | None = None,
         max_batch: int = 512,
         source: str = "",
+        dtype: str | None = None,
     ) -> None:
+        from .config import is_matrix
+        from .dtypes import check_dtype, from_bf16_bits, to_bf16_bits
+
         self.config = config
         self.tokenizer = tokenizer
         self.source = source
         check_layer_count(config, len(weights), "weights")
         shapes = expected_shapes(config)
         self._names = weight_names(config)
+        if dtype is None:
+            mats = [np.asarray(weights[n]).dtype for n in self._names
+                    if is_matrix(n) and n in weights]
+            dtype = "bfloat16" if mats and all(d == np.uint16 for d in mats) else "float32"
+        self.dtype = check_dtype(dtype)
         self._weights: dict[str, np.ndarray] = {}
         for name in self._names:
             if name not in weights:
@@ -102,7 +126,15 @@ class LlamaModel:
                     self._weights[name] = self._weights["model.embed_tokens.weight"]
                     continue
                 raise KeyError(f"weights has no tensor {name!r}")
-            a = np.ascontiguousarray(weights[name], dtype=np.float32)
+            a = np.asarray(weights[name])
+            if a.dtype == np.uint16 and not is_matrix(name):
+                raise ValueError(f"{name} must be float, got bf16 bits (only weight matrices "
+                                 "stay bf16)")
+            if self.dtype == "bfloat16" and is_matrix(name):
+                a = np.ascontiguousarray(a) if a.dtype == np.uint16 else to_bf16_bits(a)
+            else:
+                a = (from_bf16_bits(a) if a.dtype == np.uint16
+                     else np.ascontiguousarray(a, dtype=np.float32))
             if a.shape != shapes[name]:
                 raise ValueError(
                     f"{name} has shape {a.shape} but the config implies {shapes[name]}"
@@ -130,7 +162,7 @@ class LlamaModel:
     @classmethod
     def from_pretrained(
         cls, path_or_id: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
-        n_ctx: int | None = None,
+        n_ctx: int | None = None, dtype: str | None = None,
     ) -> LlamaModel:
         """Load a model from
         - ``"auto"``: TinyLlama-1.1B-Chat-v1.0 when it is in the local
@@ -142,20 +174,22 @@ class LlamaModel:
           is installed and the network answers);
         - a llama2.c ``.bin`` checkpoint, its tokenizer ``.bin`` given or found
           beside it (``tok<V>.bin`` or ``tokenizer.bin``).
-        n_ctx limits the context (and the KV cache)."""
+        n_ctx limits the context (and the KV cache). dtype: "bfloat16"
+        (weight matrices stay bf16, memory-mapped where the file allows) or
+        "float32"; None: the checkpoint's own when it is bf16, else float32."""
         from .checkpoints import load_hf_folder
         from .lookup import resolve_model
         from .tokenizers import Llama2cTokenizer, load_hf_tokenizer
 
         p = resolve_model(path_or_id)
         if p.is_dir():
-            config, weights = load_hf_folder(p)
+            config, weights = load_hf_folder(p, dtype)
             tok = load_hf_tokenizer(Path(tokenizer) if tokenizer else p,
                                     bos_id=config.bos_token_id, eos_id=config.eos_token_id)
             if tok is not None and tok.vocab_size > config.vocab_size:
                 raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model "
                                  f"only {config.vocab_size}")
-            return cls(config, weights, tok, n_ctx=n_ctx, source=str(p))
+            return cls(config, weights, tok, n_ctx=n_ctx, source=str(p), dtype=dtype)
         config, weights = load_llama2c(p)
         tok2c: Llama2cTokenizer | None = None
         cands = [Path(tokenizer)] if tokenizer else [
@@ -166,7 +200,7 @@ class LlamaModel:
                 break
         if tokenizer and tok2c is None:
             raise FileNotFoundError(f"tokenizer {tokenizer} does not exist")
-        return cls(config, weights, tok2c, n_ctx=n_ctx, source=str(p))
+        return cls(config, weights, tok2c, n_ctx=n_ctx, source=str(p), dtype=dtype or "float32")
 
     # ------------------------------------------------------------- weights
     @property
@@ -178,7 +212,12 @@ class LlamaModel:
         """Replace one weight by an array of the same shape (converted to
         C-contiguous float32; the model keeps it). Other weights are not
         touched or copied. check_finite=False skips the NaN/Inf scan, for
-        arrays computed from finite weights (surgery's reconstructions)."""
+        arrays computed from finite weights (surgery's reconstructions). A
+        model that holds its matrices in bfloat16 rounds a new matrix to
+        bf16 (round to nearest even) and keeps that."""
+        from .config import is_matrix
+        from .dtypes import to_bf16_bits
+
         if name not in self._weights:
             raise KeyError(f"no weight named {name!r}")
         a = np.ascontiguousarray(array, dtype=np.float32)
@@ -188,6 +227,10 @@ class LlamaModel:
             )
         if check_finite and not np.isfinite(a).all():
             raise ValueError(f"{name} replacement contains NaN or Inf")
+        if self.dtype == "bfloat16" and is_matrix(name):
+            a = to_bf16_bits(a)
+            if check_finite and _C.bf16_nonfinite(a) >= 0:
+                raise ValueError(f"{name} replacement overflows bfloat16")
         # a tied embedding and lm_head are one array under two names
         tied = {"model.embed_tokens.weight", "lm_head.weight"}
         names = tied if self.config.tie_word_embeddings and name in tied else {name}

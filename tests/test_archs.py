@@ -85,6 +85,11 @@ def test_prefill_and_decode_logits_match_transformers(checkpoints, key, dtype, s
         assert (folder / "model.safetensors.index.json").is_file()
     ours = LlamaModel.from_pretrained(folder)
     assert ours.config.architecture == ARCH_CONFIGS[key][0]
+    # a bf16 checkpoint stays bf16 in memory (the default), a float32 one float32
+    assert ours.dtype == ("bfloat16" if dtype == "bf16" else "float32")
+    mats = [n for n in ours._weights if n.endswith("proj.weight")]
+    assert {ours._weights[n].dtype for n in mats} == {np.dtype(
+        np.uint16 if dtype == "bf16" else np.float32)}
     tokens = np.random.default_rng(1).integers(3, ARCH_CONFIGS[key][1]["vocab_size"],
                                                N_PROMPT + N_DECODE)
     want = hf_logits(ref, tokens)

@@ -1,0 +1,233 @@
+/* bf16.c: matrix products with bf16-resident weights and float32
+ * activations, accumulated in float32.
+ *
+ * Dimension legend: W (n_out, n_in) row-major bf16 bits (uint16), row
+ * stride n_in; x (T, n_in) float32; out (T, n_out) float32.
+ *
+ * A bf16 value is the top half of a float32, so widening is a 16-bit shift
+ * and exact: the products are those of float32 arithmetic on the
+ * bf16-rounded weights (what transformers computes when it runs a bf16
+ * checkpoint in float32). AVX512-BF16's dot product is not used: it would
+ * round the activations to bf16 as well.
+ *
+ * Decode (T = 1) is a matrix-vector product, bound by reading W: rows are
+ * split over pcasurgery's threads (pool.c), each row a dot product with
+ * FMA, 8 (AVX2) or 16 (AVX-512F) lanes, chosen at run time (the wheel is
+ * built without -march). Prefill widens blocks of W's rows into a float32
+ * buffer and multiplies them with OpenBLAS's sgemm: the widening costs one
+ * pass over W per chunk of T tokens, small against 2 T flops per weight.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#include "blas.h"
+#include "pcasurgery.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define PCS_X86 1
+#endif
+
+static float dot_generic(const uint16_t *w, const float *x, size_t n)
+{
+    float acc[8] = {0};
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) {
+            uint32_t b = (uint32_t)w[i + k] << 16;
+            float f;
+            memcpy(&f, &b, sizeof f);
+            acc[k] += f * x[i + k];
+        }
+    float s = 0.0f;
+    for (; i < n; i++) {
+        uint32_t b = (uint32_t)w[i] << 16;
+        float f;
+        memcpy(&f, &b, sizeof f);
+        s += f * x[i];
+    }
+    for (int k = 0; k < 8; k++)
+        s += acc[k];
+    return s;
+}
+
+#ifdef PCS_X86
+__attribute__((target("avx2,fma"))) static inline __m256 widen8(const uint16_t *w)
+{
+    __m128i h = _mm_loadu_si128((const __m128i *)w);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+__attribute__((target("avx2,fma"))) static float dot_avx2(const uint16_t *w, const float *x,
+                                                          size_t n)
+{
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        a0 = _mm256_fmadd_ps(widen8(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(widen8(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(widen8(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(widen8(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    for (; i + 8 <= n; i += 8)
+        a0 = _mm256_fmadd_ps(widen8(w + i), _mm256_loadu_ps(x + i), a0);
+    __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+    float s = _mm_cvtss_f32(s4);
+    for (; i < n; i++) {
+        uint32_t b = (uint32_t)w[i] << 16;
+        float f;
+        memcpy(&f, &b, sizeof f);
+        s += f * x[i];
+    }
+    return s;
+}
+
+__attribute__((target("avx512f"))) static inline __m512 widen16(const uint16_t *w)
+{
+    __m256i h = _mm256_loadu_si256((const __m256i *)w);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+__attribute__((target("avx512f"))) static float dot_avx512(const uint16_t *w, const float *x,
+                                                           size_t n)
+{
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    size_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        a0 = _mm512_fmadd_ps(widen16(w + i), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(widen16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+        a2 = _mm512_fmadd_ps(widen16(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
+        a3 = _mm512_fmadd_ps(widen16(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
+    }
+    for (; i + 16 <= n; i += 16)
+        a0 = _mm512_fmadd_ps(widen16(w + i), _mm512_loadu_ps(x + i), a0);
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (; i < n; i++) {
+        uint32_t b = (uint32_t)w[i] << 16;
+        float f;
+        memcpy(&f, &b, sizeof f);
+        s += f * x[i];
+    }
+    return s;
+}
+#endif
+
+typedef float (*dot_fn)(const uint16_t *, const float *, size_t);
+
+static dot_fn pick_dot(void)
+{
+#ifdef PCS_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f"))
+        return dot_avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return dot_avx2;
+#endif
+    return dot_generic;
+}
+
+static dot_fn dot_impl(void)
+{
+    static dot_fn f; /* benign race: every thread computes the same pointer */
+    if (!f)
+        f = pick_dot();
+    return f;
+}
+
+const char *pcs_bf16_kernel(void)
+{
+    dot_fn f = dot_impl();
+#ifdef PCS_X86
+    if (f == dot_avx512)
+        return "avx512f";
+    if (f == dot_avx2)
+        return "avx2+fma";
+#endif
+    return f == dot_generic ? "generic" : "?";
+}
+
+/* ------------------------------------------------------------- decode */
+
+typedef struct {
+    float *out;
+    const uint16_t *W;
+    const float *x;
+    size_t n_in, n_out;
+    float beta;
+    dot_fn dot;
+} GemvJob;
+
+static void gemv_task(void *arg, int id, int n)
+{
+    const GemvJob *j = arg;
+    /* contiguous row ranges, 8-row aligned so threads do not share lines of out */
+    size_t per = (j->n_out + (size_t)n - 1) / (size_t)n;
+    per = (per + 7) / 8 * 8;
+    size_t lo = (size_t)id * per, hi = lo + per;
+    if (lo > j->n_out)
+        lo = j->n_out;
+    if (hi > j->n_out)
+        hi = j->n_out;
+    for (size_t r = lo; r < hi; r++) {
+        float d = j->dot(j->W + r * j->n_in, j->x, j->n_in);
+        j->out[r] = j->beta == 0.0f ? d : j->beta * j->out[r] + d;
+    }
+}
+
+void pcs_gemv_bf16(float *out, const unsigned short *W, const float *x, size_t n_out, size_t n_in,
+                   float beta, int n_threads)
+{
+    GemvJob j = {out, W, x, n_in, n_out, beta, dot_impl()};
+    /* small products are not worth waking threads for (~10 us each) */
+    if (n_out * n_in < ((size_t)1 << 16))
+        n_threads = 1;
+    pcs_parallel(gemv_task, &j, n_threads);
+}
+
+/* ------------------------------------------------------------ prefill */
+
+typedef struct {
+    float *dst;
+    const uint16_t *src;
+    size_t n;
+} WidenJob;
+
+static void widen_task(void *arg, int id, int n)
+{
+    const WidenJob *j = arg;
+    size_t per = (j->n + (size_t)n - 1) / (size_t)n;
+    size_t lo = (size_t)id * per, hi = lo + per;
+    if (lo > j->n)
+        lo = j->n;
+    if (hi > j->n)
+        hi = j->n;
+    uint32_t *d = (uint32_t *)j->dst;
+    for (size_t i = lo; i < hi; i++)
+        d[i] = (uint32_t)j->src[i] << 16;
+}
+
+void pcs_widen_bf16(float *dst, const unsigned short *src, size_t n, int n_threads)
+{
+    WidenJob j = {dst, src, n};
+    if (n < ((size_t)1 << 16))
+        n_threads = 1;
+    pcs_parallel(widen_task, &j, n_threads);
+}
+
+void pcs_matmul_bf16(float *out, size_t ldo, const float *x, size_t ldx, const unsigned short *W,
+                     size_t T, size_t n_in, size_t n_out, float beta, float *buf,
+                     size_t buf_rows, int n_threads)
+{
+    for (size_t r0 = 0; r0 < n_out; r0 += buf_rows) {
+        const size_t R = n_out - r0 < buf_rows ? n_out - r0 : buf_rows;
+        pcs_widen_bf16(buf, W + r0 * n_in, R * n_in, n_threads);
+        pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsTrans, (pcs_blasint)T, (pcs_blasint)R,
+                        (pcs_blasint)n_in, 1.0f, x, (pcs_blasint)ldx, buf, (pcs_blasint)n_in,
+                        beta, out + r0, (pcs_blasint)ldo);
+    }
+}
