@@ -23,6 +23,13 @@
 #include "blas.h"
 #include "pcasurgery.h"
 
+#if defined(__GNUC__) && !defined(__clang__)
+/* GCC's -O2 does not vectorise loops of unknown length (see convert.c) */
+#define VECTORISE __attribute__((optimize("tree-vectorize", "vect-cost-model=cheap")))
+#else
+#define VECTORISE
+#endif
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define PCS_X86 1
@@ -197,6 +204,12 @@ typedef struct {
     size_t n;
 } WidenJob;
 
+VECTORISE static void widen_range(uint32_t *restrict d, const uint16_t *restrict src, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        d[i] = (uint32_t)src[i] << 16;
+}
+
 static void widen_task(void *arg, int id, int n)
 {
     const WidenJob *j = arg;
@@ -206,9 +219,7 @@ static void widen_task(void *arg, int id, int n)
         lo = j->n;
     if (hi > j->n)
         hi = j->n;
-    uint32_t *d = (uint32_t *)j->dst;
-    for (size_t i = lo; i < hi; i++)
-        d[i] = (uint32_t)j->src[i] << 16;
+    widen_range((uint32_t *)j->dst + lo, j->src + lo, hi - lo);
 }
 
 void pcs_widen_bf16(float *dst, const unsigned short *src, size_t n, int n_threads)
@@ -225,7 +236,7 @@ void pcs_matmul_bf16(float *out, size_t ldo, const float *x, size_t ldx, const u
 {
     for (size_t r0 = 0; r0 < n_out; r0 += buf_rows) {
         const size_t R = n_out - r0 < buf_rows ? n_out - r0 : buf_rows;
-        pcs_widen_bf16(buf, W + r0 * n_in, R * n_in, n_threads);
+        pcs_widen_bf16(buf, W + r0 * n_in, R * n_in, 1); /* OpenBLAS threads may still spin */
         pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsTrans, (pcs_blasint)T, (pcs_blasint)R,
                         (pcs_blasint)n_in, 1.0f, x, (pcs_blasint)ldx, buf, (pcs_blasint)n_in,
                         beta, out + r0, (pcs_blasint)ldo);

@@ -181,8 +181,16 @@ int pcs_llama_state_bf16(PcsLlamaState *s, const PcsLlamaConfig *c)
 {
     if (s->wbuf)
         return PCS_OK;
+    /* the widest input and the most rows any matrix has: (V or F or Dq or D) x (D or F or Dq) */
     const size_t width = max_sz(max_sz(c->dim, c->hidden_dim), c->n_heads * c->head_dim);
-    s->wbuf = malloc((size_t)PCS_BF16_ROWS * width * sizeof(float)); /* sizes checked at init */
+    const size_t rows = max_sz(c->vocab_size, width);
+    size_t n = (size_t)PCS_BF16_BUF;
+    if (n / width > rows) /* a small model: all of its largest matrix */
+        n = rows * width;
+    if (n < width)        /* one row at least */
+        n = width;
+    s->wbuf = malloc(n * sizeof(float)); /* sizes checked at init: (V, D), (F, D) fit */
+    s->wbuf_floats = s->wbuf ? n : 0;
     return s->wbuf ? PCS_OK : PCS_ERR_NOMEM;
 }
 
@@ -271,7 +279,7 @@ static void matmul_forward(float *out, size_t ldo, const float *x, size_t ldx, P
                       pcs_get_num_threads());
     else
         pcs_matmul_bf16(out, ldo, x, ldx, (const unsigned short *)W.data, T, n_in, n_out, beta,
-                        s->wbuf, PCS_BF16_ROWS, pcs_get_num_threads());
+                        s->wbuf, s->wbuf_floats / n_in, pcs_get_num_threads());
 }
 
 /* Rotate every head of v (T, n_heads * hd) in place, token t at position P + t. */

@@ -181,13 +181,15 @@ typedef struct {
      * RMSNorm: sigma (L, D, D) += h h^T (upper triangle), sum (L, D) += h */
     double *calib_sigma, *calib_sum;
     float *calib_tmp;  /* (D, D) */
-    /* bf16 weights in prefill: PCS_BF16_ROWS rows widened at a time
-     * (PCS_BF16_ROWS, max(D, F, Dq)); NULL until pcs_llama_state_bf16 */
+    /* bf16 weights in prefill: blocks of rows widened to float32 for
+     * sgemm, wbuf_floats floats (PCS_BF16_BUF, or less for a small model;
+     * at least one row); NULL until pcs_llama_state_bf16 */
     float *wbuf;
+    size_t wbuf_floats;
     void *block;
 } PcsLlamaState;
 
-enum { PCS_BF16_ROWS = 128 };
+enum { PCS_BF16_BUF = 1 << 22 }; /* 16 MB: blocks big enough for sgemm to run at speed */
 
 /* PCS_ERR_ARG for a zero size, n_heads not a multiple of n_kv_heads or an
  * odd head_dim; PCS_ERR_TOO_LARGE, with the quantity named in *what, when a
@@ -256,7 +258,8 @@ void pcs_gemv_bf16(float *out, const unsigned short *W, const float *x, size_t n
 /* dst (n) float32 = the bf16 values src (n) */
 void pcs_widen_bf16(float *dst, const unsigned short *src, size_t n, int n_threads);
 /* out (T, n_out) row stride ldo = beta * out + x (T, n_in) W^T, W widened
- * buf_rows rows at a time into buf (buf_rows, n_in) and multiplied by sgemm */
+ * buf_rows rows at a time into buf (buf_rows, n_in) and multiplied by sgemm
+ * (buf_rows >= 1) */
 void pcs_matmul_bf16(float *out, size_t ldo, const float *x, size_t ldx,
                      const unsigned short *W, size_t T, size_t n_in, size_t n_out, float beta,
                      float *buf, size_t buf_rows, int n_threads);
