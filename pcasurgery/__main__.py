@@ -141,6 +141,11 @@ def build_parser() -> Parser:
     kv.add_argument("--calib-cache", default=None,
                     help="folder for calibrations (default $PCASURGERY_CACHE or "
                          "~/.cache/pcasurgery), or 'off'")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="how the weight matrices are held: bfloat16 (kept bf16 in memory, "
+                        "memory-mapped; the kernels compute in float32; a surgery's "
+                        "reconstructions are rounded to bf16) or float32 (default: the "
+                        "checkpoint's own when it is bf16, else float32)")
     p.add_argument("--center", action=argparse.BooleanOptionalAction, default=True,
                    help="centered PCA with the mean restored (default) or plain SVD")
     p.add_argument("--layers-per-group", type=nonneg_int, default=0,
@@ -402,14 +407,16 @@ def load_model(args: argparse.Namespace, say: Callable[..., None]):
     # the first line: which model runs, and how to choose another
     say(f"model: {which}; choose another with --model (a Hugging Face folder, a cached model "
         "id, a llama2.c .bin, or 'demo')")
-    model = LlamaModel.from_pretrained(path)
+    model = LlamaModel.from_pretrained(path, dtype=args.dtype)
     if model.tokenizer is None:
         raise UserError(f"{path} has no tokenizer (tokenizer.model, tokenizer.json or a llama2.c "
                         "tokenizer .bin beside it)")
     c = model.config
     say(f"loaded {model.source} in {time.perf_counter() - t0:.1f} s: {c.num_hidden_layers} "
         f"layers, hidden {c.hidden_size}, {c.num_attention_heads} query / "
-        f"{c.num_key_value_heads} KV heads, vocabulary {c.vocab_size}")
+        f"{c.num_key_value_heads} KV heads, vocabulary {c.vocab_size}; weights in "
+        f"{model.dtype}" + (" (surgery writes its reconstructions back rounded to bf16)"
+                            if model.dtype == "bfloat16" else ""))
     return model
 
 

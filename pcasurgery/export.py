@@ -160,11 +160,16 @@ def hf_config(model: LlamaModel, dtype: str) -> dict[str, Any]:
     return d
 
 
-def save_hf_folder(model: LlamaModel, folder: str | os.PathLike, dtype: str = "F32") -> Path:
+def save_hf_folder(model: LlamaModel, folder: str | os.PathLike, dtype: str | None = None
+                   ) -> Path:
     """Write `model` (its current, possibly surgered, weights) as a Hugging
     Face folder that transformers and pcasurgery both load: config.json,
     model.safetensors and the source folder's tokenizer files. `folder` must
-    be new or empty: nothing stale can then shadow the new files."""
+    be new or empty: nothing stale can then shadow the new files. dtype
+    "F32" or "BF16"; None: BF16 for a model held in bfloat16 (exactly its
+    weights), else F32."""
+    if dtype is None:
+        dtype = "BF16" if model.dtype == "bfloat16" else "F32"
     if dtype not in ("F32", "BF16"):
         raise ValueError(f"dtype must be 'F32' or 'BF16', got {dtype!r}")
     folder = Path(folder)

@@ -1,0 +1,140 @@
+"""bf16-resident weights: the matrices stay bf16 (uint16 bits, memory-mapped
+from the checkpoint), the kernels widen them exactly and compute in float32,
+so the model equals transformers running the bf16-rounded weights in
+float32."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from hf_fixtures import assert_logits_close, hf_logits, make_hf_model, save_hf  # noqa: E402
+
+import pcasurgery  # noqa: E402
+from pcasurgery import LlamaModel, _C  # noqa: E402
+from pcasurgery.dtypes import from_bf16_bits, to_bf16_bits  # noqa: E402
+
+torch.set_num_threads(2)
+CFG = dict(hidden_size=96, intermediate_size=200, num_hidden_layers=2, num_attention_heads=6,
+           num_key_value_heads=2, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    m = make_hf_model(CFG, seed=3)
+    return {dt: save_hf(m, tmp_path_factory.mktemp(dt), dt, False) for dt in ("f32", "bf16")}
+
+
+def test_float32_checkpoint_held_in_bf16_equals_transformers_on_rounded_weights(folders):
+    """The acceptance reference: transformers in float32 on the bf16-rounded
+    weights (norms and biases stay float32 on both sides)."""
+    ref = transformers.LlamaForCausalLM.from_pretrained(folders["f32"], dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.ndim == 2:
+                p.copy_(p.to(torch.bfloat16).to(torch.float32))
+    ours = LlamaModel.from_pretrained(folders["f32"], dtype="bfloat16")
+    assert ours.dtype == "bfloat16"
+    tokens = np.random.default_rng(0).integers(3, 300, 80)
+    want = hf_logits(ref, tokens)
+    assert_logits_close(ours.logits(tokens), want)
+    ours._rt.reset()
+    rows = [ours._rt.forward(tokens[:16], 0, True)]
+    rows += [ours._rt.forward(np.array([t]), 16 + i, False) for i, t in enumerate(tokens[16:-1])]
+    assert_logits_close(np.vstack(rows), want[:-1])
+
+
+def test_bf16_checkpoint_is_memory_mapped_and_equals_the_float32_run(folders):
+    m16 = LlamaModel.from_pretrained(folders["bf16"])  # the default: its own dtype
+    m32 = LlamaModel.from_pretrained(folders["bf16"], dtype="float32")
+    assert (m16.dtype, m32.dtype) == ("bfloat16", "float32")
+    a = m16._weights["model.layers.0.mlp.up_proj.weight"]
+    assert a.dtype == np.uint16 and not a.flags.owndata and not a.flags.writeable
+    base = a
+    while isinstance(base, np.ndarray):  # the array views the file's mapping: no copy
+        base = base.base
+    assert isinstance(base, memoryview) and type(base.obj).__name__ == "mmap"
+    assert m16._weights["model.norm.weight"].dtype == np.float32
+    np.testing.assert_array_equal(m16.weights["model.layers.0.mlp.up_proj.weight"],
+                                  m32.weights["model.layers.0.mlp.up_proj.weight"])
+    tokens = np.arange(3, 60)
+    assert_logits_close(m16.logits(tokens), m32.logits(tokens))
+
+
+def test_decode_is_the_same_on_one_and_two_threads(folders):
+    """Rows are split over threads, each row's sum in one order: identical."""
+    m = LlamaModel.from_pretrained(folders["bf16"])
+    old = pcasurgery.get_num_threads()
+    try:
+        out = []
+        for n in (1, 2):
+            pcasurgery.set_num_threads(n)
+            m._rt.reset()
+            m._rt.forward(np.arange(3, 20), 0, False)
+            out.append(m._rt.forward(np.array([7]), 17, False))
+        np.testing.assert_array_equal(out[0], out[1])
+    finally:
+        pcasurgery.set_num_threads(old)
+
+
+def test_set_weight_rounds_to_bf16(folders):
+    m = LlamaModel.from_pretrained(folders["bf16"])
+    name = "model.layers.1.self_attn.k_proj.weight"
+    new = np.random.default_rng(1).standard_normal(m.weights[name].shape).astype(np.float32)
+    m.set_weight(name, new)
+    assert m._weights[name].dtype == np.uint16
+    np.testing.assert_array_equal(m.weights[name], from_bf16_bits(to_bf16_bits(new)))
+    big = np.full(m.weights[name].shape, 3.4e38, np.float32)  # rounds past bf16's largest
+    with pytest.raises(ValueError, match="overflows bfloat16"):
+        m.set_weight(name, big)
+
+
+def test_rounding_is_round_to_nearest_even_as_torch():
+    x = np.random.default_rng(2).standard_normal(100_000).astype(np.float32) * 1e3
+    x[:4] = [1.0 + 2**-8, 1.0 + 3 * 2**-8, -0.0, np.inf]  # ties both ways, -0, inf
+    want = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(to_bf16_bits(x), want)
+
+
+def test_nonfinite_bf16_tensor_is_refused_naming_it(folders, tmp_path):
+    import shutil
+
+    from pcasurgery.checkpoints import read_safetensors_header
+
+    d = tmp_path / "nan"
+    shutil.copytree(folders["bf16"], d)
+    st = d / "model.safetensors"
+    header, start = read_safetensors_header(st)
+    e = header["model.layers.1.mlp.down_proj.weight"]
+    raw = bytearray(st.read_bytes())
+    at = start + e["begin"] + 2 * 123
+    raw[at:at + 2] = b"\xc0\x7f"  # a bf16 NaN at flat index 123
+    st.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"tensor 'model.layers.1.mlp.down_proj.weight' "
+                                         r"contains NaN or Inf \(first at flat index 123"):
+        LlamaModel.from_pretrained(d)
+    assert _C.bf16_nonfinite(np.array([0, 0x7F80, 0x7FC0], np.uint16)) == 1
+    assert _C.bf16_nonfinite(np.array([0x7F7F, 0xFF7F], np.uint16)) == -1
+
+
+def test_bf16_surgery_saves_bf16_that_transformers_loads(folders, tmp_path):
+    from pcasurgery.export import save_hf_folder
+    from pcasurgery.surgery import Surgery
+
+    m = LlamaModel.from_pretrained(folders["bf16"])
+    Surgery(m, "shared-kv", "k,v").fit().apply(rank=24)
+    out = save_hf_folder(m, tmp_path / "saved")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    ref = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert_logits_close(m.logits(np.arange(3, 40)), hf_logits(ref, np.arange(3, 40)))
+
+
+def test_cli_dtype(folders, tmp_path):
+    from conftest import cli
+
+    r = cli("--model", folders["bf16"], "--dtype", "float16")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "--dtype" in r.stderr and "bfloat16" in r.stderr
