@@ -1,5 +1,6 @@
 """The Llama forward pass on a TinyLlama-1.1B-shaped checkpoint: pcasurgery
-against Hugging Face transformers (PyTorch CPU, float32), in one run.
+against Hugging Face transformers (PyTorch CPU), each with float32 and with
+bf16 weights, in one run.
 
 Setup: a checkpoint with TinyLlama's exact config and tensor names, random
 bf16 weights, one model.safetensors, written by transformers (cached in
@@ -11,7 +12,9 @@ OpenBLAS, 2048^3) and read bandwidth (the best multi-threaded sgemv of our
 OpenBLAS streaming a 2-4 GiB matrix, as each decode step streams the weights).
 
 Bounds: prefill <= sgemm peak / 2.07 GFLOP per token; decode <= bandwidth /
-4.1 GB of float32 weights per token.
+the bytes of weights read per token (4.4 GB in float32, 2.2 GB in bf16).
+Our bf16 run keeps the weights bf16 (memory-mapped) and computes in float32;
+transformers' bf16 run computes in bf16 (its CPU kernels).
 
 Usage: python benchmarks/bench_forward.py [--threads 2] [--workdir DIR] [--decode 32]
 """
@@ -34,7 +37,7 @@ TINYLLAMA = dict(
     bos_token_id=1, eos_token_id=2, hidden_act="silu", architectures=["LlamaForCausalLM"],
 )
 GFLOP_PER_TOKEN = 2.07
-WEIGHT_GB = 4.1
+PARAMS = 1.1e9  # weights read per decode step (all matrices; the embedding row aside)
 PROMPT = 512
 
 
@@ -64,14 +67,14 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-def run_ours(folder: Path, threads: int, n_decode: int) -> dict:
+def run_ours(folder: Path, threads: int, n_decode: int, dtype: str) -> dict:
     import numpy as np
 
     import pcasurgery
 
     pcasurgery.set_num_threads(threads)
     t0 = time.perf_counter()
-    m = pcasurgery.LlamaModel.from_pretrained(folder)
+    m = pcasurgery.LlamaModel.from_pretrained(folder, dtype=dtype)
     load = time.perf_counter() - t0
     prompt = np.random.default_rng(0).integers(3, 32000, PROMPT)
     m._rt.reset()
@@ -89,14 +92,14 @@ def run_ours(folder: Path, threads: int, n_decode: int) -> dict:
     return dict(load_s=load, prefill_tps=prefill, decode_tps=decode, peak_rss_gb=peak_rss_gb())
 
 
-def run_transformers(folder: Path, threads: int, n_decode: int) -> dict:
+def run_transformers(folder: Path, threads: int, n_decode: int, dtype: str) -> dict:
     import numpy as np
     import torch
     from transformers import LlamaForCausalLM
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    m = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    m = LlamaForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
     load = time.perf_counter() - t0
     prompt = torch.tensor(np.random.default_rng(0).integers(3, 32000, PROMPT))[None]
     with torch.no_grad():
@@ -162,12 +165,13 @@ def main() -> None:
     ap.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"),
                                                       "pcasurgery-bench", "tinyllama-random"))
     ap.add_argument("--decode", type=int, default=32, help="decode steps to time")
-    ap.add_argument("--side", choices=["ours", "transformers"], help=argparse.SUPPRESS)
+    ap.add_argument("--side", help=argparse.SUPPRESS)  # "ours:float32", ...
     args = ap.parse_args()
     folder = Path(args.workdir)
     if args.side:
-        fn = run_ours if args.side == "ours" else run_transformers
-        print(json.dumps(fn(folder, args.threads, args.decode)))
+        who, dtype = args.side.split(":")
+        fn = run_ours if who == "ours" else run_transformers
+        print(json.dumps(fn(folder, args.threads, args.decode, dtype)))
         return
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -178,32 +182,47 @@ def main() -> None:
           f"ready in {time.perf_counter() - t0:.0f} s)")
     lim = machine_limits(args.threads)
     pre_bound = lim["sgemm_gflops"] / GFLOP_PER_TOKEN
-    dec_bound = lim["read_gbps"] / WEIGHT_GB
+    dec_bound = {"float32": lim["read_gbps"] / (PARAMS * 4 / 1e9),
+                 "bfloat16": lim["read_gbps"] / (PARAMS * 2 / 1e9)}
     print(f"limits: sgemm {lim['sgemm_gflops']:.0f} GFLOP/s -> prefill <= {pre_bound:.1f} tok/s; "
-          f"read {lim['read_gbps']:.1f} GB/s -> decode <= {dec_bound:.2f} tok/s")
+          f"read {lim['read_gbps']:.1f} GB/s -> decode <= {dec_bound['float32']:.2f} tok/s "
+          f"(float32 weights), {dec_bound['bfloat16']:.2f} (bf16)")
+    import pcasurgery
+
+    print(f"our bf16 kernel on this CPU: {pcasurgery._C.bf16_kernel()}")
+    sides = ["ours:float32", "ours:bfloat16", "transformers:float32", "transformers:bfloat16"]
     res = {}
-    for side in ("ours", "transformers"):
+    for side in sides:
         out = subprocess.run([sys.executable, __file__, "--side", side, "--threads",
                               str(args.threads), "--workdir", str(folder), "--decode",
                               str(args.decode)], capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
         res[side] = json.loads(out.stdout.strip().splitlines()[-1])
-    o, t = res["ours"], res["transformers"]
-    f32_gb = 1.1e9 * 4 / 1e9
-    print(f"\n{'':22}{'pcasurgery':>12}{'transformers':>14}{'ratio':>8}   target")
-    ratio = t['load_s'] / o['load_s']
-    print(f"{'load (s)':22}{o['load_s']:12.2f}{t['load_s']:14.2f}{ratio:8.2f}   ours <= 10 s")
-    print(f"{'prefill (tok/s)':22}{o['prefill_tps']:12.1f}{t['prefill_tps']:14.1f}"
-          f"{o['prefill_tps'] / t['prefill_tps']:8.2f}   >= 1.5x")
-    print(f"{'  of sgemm bound':22}{o['prefill_tps'] / pre_bound:12.0%}{t['prefill_tps'] / pre_bound:14.0%}"
-          f"{'':8}   ours >= 65%")
-    print(f"{'decode (tok/s)':22}{o['decode_tps']:12.2f}{t['decode_tps']:14.2f}"
-          f"{o['decode_tps'] / t['decode_tps']:8.2f}   >= 1.5x")
-    print(f"{'  of bandwidth bound':22}{o['decode_tps'] / dec_bound:12.0%}{t['decode_tps'] / dec_bound:14.0%}"
-          f"{'':8}   ours >= 80%")
-    print(f"{'peak RSS (GB)':22}{o['peak_rss_gb']:12.2f}{t['peak_rss_gb']:14.2f}"
-          f"{'':8}   ours <= {1.25 * f32_gb:.2f} (1.25x f32 weights)")
+    o, b = res["ours:float32"], res["ours:bfloat16"]
+    t, tb = res["transformers:float32"], res["transformers:bfloat16"]
+    print(f"\n{'':22}{'ours f32':>10}{'ours bf16':>11}{'hf f32':>9}{'hf bf16':>9}")
+    for key, label, fmt in (("load_s", "load (s)", "{:.2f}"), ("prefill_tps", "prefill (tok/s)", "{:.1f}"),
+                            ("decode_tps", "decode (tok/s)", "{:.2f}"), ("peak_rss_gb", "peak RSS (GB)", "{:.2f}")):
+        cells = [fmt.format(r[key]) for r in (o, b, t, tb)]
+        print(f"{label:22}{cells[0]:>10}{cells[1]:>11}{cells[2]:>9}{cells[3]:>9}")
+    print(f"{'decode, of its bound':22}{o['decode_tps'] / dec_bound['float32']:10.0%}"
+          f"{b['decode_tps'] / dec_bound['bfloat16']:11.0%}"
+          f"{t['decode_tps'] / dec_bound['float32']:9.0%}{tb['decode_tps'] / dec_bound['bfloat16']:9.0%}")
+    print(f"{'prefill, of sgemm bound':22}{o['prefill_tps'] / pre_bound:10.0%}"
+          f"{b['prefill_tps'] / pre_bound:11.0%}{t['prefill_tps'] / pre_bound:9.0%}"
+          f"{tb['prefill_tps'] / pre_bound:9.0%}")
+    print("\nratios (target):")
+    print(f"  ours f32 vs transformers f32: load {t['load_s'] / o['load_s']:.2f}x faster, prefill "
+          f"{o['prefill_tps'] / t['prefill_tps']:.2f}x (>= 1.5x), decode "
+          f"{o['decode_tps'] / t['decode_tps']:.2f}x (>= 1.5x), RSS {o['peak_rss_gb']:.2f} GB "
+          f"(<= {1.25 * PARAMS * 4 / 1e9:.2f})")
+    print(f"  ours bf16 vs ours f32: decode {b['decode_tps'] / o['decode_tps']:.2f}x (>= 1.8x), "
+          f"prefill {b['prefill_tps'] / o['prefill_tps']:.2f}x (>= 1x), peak RSS "
+          f"{b['peak_rss_gb'] / o['peak_rss_gb']:.2f}x (<= 0.6x)")
+    print(f"  ours bf16 vs transformers bf16: prefill {b['prefill_tps'] / tb['prefill_tps']:.2f}x, "
+          f"decode {b['decode_tps'] / tb['decode_tps']:.2f}x, load "
+          f"{tb['load_s'] / b['load_s']:.2f}x faster")
 
 
 if __name__ == "__main__":
