@@ -202,8 +202,9 @@ def main() -> None:
     o, b = res["ours:float32"], res["ours:bfloat16"]
     t, tb = res["transformers:float32"], res["transformers:bfloat16"]
     print(f"\n{'':22}{'ours f32':>10}{'ours bf16':>11}{'hf f32':>9}{'hf bf16':>9}")
-    for key, label, fmt in (("load_s", "load (s)", "{:.2f}"), ("prefill_tps", "prefill (tok/s)", "{:.1f}"),
-                            ("decode_tps", "decode (tok/s)", "{:.2f}"), ("peak_rss_gb", "peak RSS (GB)", "{:.2f}")):
+    rows = (("load_s", "load (s)", "{:.2f}"), ("prefill_tps", "prefill (tok/s)", "{:.1f}"),
+            ("decode_tps", "decode (tok/s)", "{:.2f}"), ("peak_rss_gb", "peak RSS (GB)", "{:.2f}"))
+    for key, label, fmt in rows:
         cells = [fmt.format(r[key]) for r in (o, b, t, tb)]
         print(f"{label:22}{cells[0]:>10}{cells[1]:>11}{cells[2]:>9}{cells[3]:>9}")
     print(f"{'decode, of its bound':22}{o['decode_tps'] / dec_bound['float32']:10.0%}"
