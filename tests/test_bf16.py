@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 from hf_fixtures import assert_logits_close, hf_logits, make_hf_model, save_hf  # noqa: E402
 
 import pcasurgery  # noqa: E402
-from pcasurgery import LlamaModel, _C  # noqa: E402
+from pcasurgery import _C, LlamaModel  # noqa: E402
 from pcasurgery.dtypes import from_bf16_bits, to_bf16_bits  # noqa: E402
 
 torch.set_num_threads(2)
