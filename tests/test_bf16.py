@@ -33,7 +33,7 @@ def test_float32_checkpoint_held_in_bf16_equals_transformers_on_rounded_weights(
     weights (norms and biases stay float32 on both sides)."""
     ref = transformers.LlamaForCausalLM.from_pretrained(folders["f32"], dtype=torch.float32)
     with torch.no_grad():
-        for name, p in ref.named_parameters():
+        for p in ref.parameters():
             if p.ndim == 2:
                 p.copy_(p.to(torch.bfloat16).to(torch.float32))
     ours = LlamaModel.from_pretrained(folders["f32"], dtype="bfloat16")
