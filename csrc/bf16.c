@@ -35,27 +35,33 @@
 #define PCS_X86 1
 #endif
 
+static inline float bf16_value(uint16_t h)
+{
+    uint32_t b = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &b, sizeof f);
+    return f;
+}
+
+/* s + the products of elements i..n-1: every kernel's scalar tail */
+static inline float dot_tail(float s, const uint16_t *w, const float *x, size_t i, size_t n)
+{
+    for (; i < n; i++)
+        s += bf16_value(w[i]) * x[i];
+    return s;
+}
+
 static float dot_generic(const uint16_t *w, const float *x, size_t n)
 {
     float acc[8] = {0};
     size_t i = 0;
     for (; i + 8 <= n; i += 8)
-        for (int k = 0; k < 8; k++) {
-            uint32_t b = (uint32_t)w[i + k] << 16;
-            float f;
-            memcpy(&f, &b, sizeof f);
-            acc[k] += f * x[i + k];
-        }
+        for (int k = 0; k < 8; k++)
+            acc[k] += bf16_value(w[i + k]) * x[i + k];
     float s = 0.0f;
-    for (; i < n; i++) {
-        uint32_t b = (uint32_t)w[i] << 16;
-        float f;
-        memcpy(&f, &b, sizeof f);
-        s += f * x[i];
-    }
     for (int k = 0; k < 8; k++)
         s += acc[k];
-    return s;
+    return dot_tail(s, w, x, i, n);
 }
 
 #ifdef PCS_X86
@@ -84,13 +90,7 @@ __attribute__((target("avx2,fma"))) static float dot_avx2(const uint16_t *w, con
     s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
     s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
     float s = _mm_cvtss_f32(s4);
-    for (; i < n; i++) {
-        uint32_t b = (uint32_t)w[i] << 16;
-        float f;
-        memcpy(&f, &b, sizeof f);
-        s += f * x[i];
-    }
-    return s;
+    return dot_tail(s, w, x, i, n);
 }
 
 __attribute__((target("avx512f"))) static inline __m512 widen16(const uint16_t *w)
@@ -114,13 +114,7 @@ __attribute__((target("avx512f"))) static float dot_avx512(const uint16_t *w, co
     for (; i + 16 <= n; i += 16)
         a0 = _mm512_fmadd_ps(widen16(w + i), _mm512_loadu_ps(x + i), a0);
     float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    for (; i < n; i++) {
-        uint32_t b = (uint32_t)w[i] << 16;
-        float f;
-        memcpy(&f, &b, sizeof f);
-        s += f * x[i];
-    }
-    return s;
+    return dot_tail(s, w, x, i, n);
 }
 #endif
 
