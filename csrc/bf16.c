@@ -18,6 +18,7 @@
  * pass over W per chunk of T tokens, small against 2 T flops per weight.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "blas.h"
@@ -64,33 +65,93 @@ static float dot_generic(const uint16_t *w, const float *x, size_t n)
     return dot_tail(s, w, x, i, n);
 }
 
+/* out[0..3] = rows w, w + ld, w + 2 ld, w + 3 ld dotted with x. Each row's
+ * sum is the single-row kernel's, bit for bit: a row's value never depends
+ * on which rows it was computed with (so 1 and 2 threads agree exactly). */
+static void dot4_generic(float *out, const uint16_t *w, size_t ld, const float *x, size_t n,
+                         const uint16_t *ahead)
+{
+    (void)ahead;
+    for (int r = 0; r < 4; r++)
+        out[r] = dot_generic(w + (size_t)r * ld, x, n);
+}
+
 #ifdef PCS_X86
+/* The x86 kernels keep two accumulators per row (lanes i..i+L-1 and
+ * i+L..i+2L-1 of every 2L-element step), then one of L, then the scalar
+ * tail. Four rows at once share each load of x and keep four streams of W
+ * in flight; `ahead` (the rows 8 further on, or NULL) is prefetched at the
+ * same offsets, so the next rows' pages are being read while these are
+ * summed (each 2048-wide bf16 row is one 4 KiB page, where the hardware
+ * prefetcher stops). */
 __attribute__((target("avx2,fma"))) static inline __m256 widen8(const uint16_t *w)
 {
     __m128i h = _mm_loadu_si128((const __m128i *)w);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-__attribute__((target("avx2,fma"))) static float dot_avx2(const uint16_t *w, const float *x,
-                                                          size_t n)
+__attribute__((target("avx2,fma"))) static inline float hsum8(__m256 a)
 {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    size_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        a0 = _mm256_fmadd_ps(widen8(w + i), _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(widen8(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-        a2 = _mm256_fmadd_ps(widen8(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
-        a3 = _mm256_fmadd_ps(widen8(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
-    }
-    for (; i + 8 <= n; i += 8)
-        a0 = _mm256_fmadd_ps(widen8(w + i), _mm256_loadu_ps(x + i), a0);
-    __m256 a = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
     __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
     s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-    float s = _mm_cvtss_f32(s4);
-    return dot_tail(s, w, x, i, n);
+    return _mm_cvtss_f32(s4);
+}
+
+__attribute__((target("avx2,fma"))) static float dot_avx2(const uint16_t *w, const float *x,
+                                                          size_t n)
+{
+    __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        a = _mm256_fmadd_ps(widen8(w + i), _mm256_loadu_ps(x + i), a);
+        b = _mm256_fmadd_ps(widen8(w + i + 8), _mm256_loadu_ps(x + i + 8), b);
+    }
+    if (i + 8 <= n) {
+        a = _mm256_fmadd_ps(widen8(w + i), _mm256_loadu_ps(x + i), a);
+        i += 8;
+    }
+    return dot_tail(hsum8(_mm256_add_ps(a, b)), w, x, i, n);
+}
+
+__attribute__((target("avx2,fma"))) static void dot4_avx2(float *out, const uint16_t *w,
+                                                          size_t ld, const float *x, size_t n,
+                                                          const uint16_t *ahead)
+{
+    const uint16_t *w0 = w, *w1 = w + ld, *w2 = w + 2 * ld, *w3 = w + 3 * ld;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        if (ahead && i % 32 == 0) { /* one 64-byte line of each of the next four rows */
+            const char *p = (const char *)(ahead + i);
+            _mm_prefetch(p, _MM_HINT_T0);
+            _mm_prefetch(p + 2 * ld, _MM_HINT_T0);
+            _mm_prefetch(p + 4 * ld, _MM_HINT_T0);
+            _mm_prefetch(p + 6 * ld, _MM_HINT_T0);
+        }
+        const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+        a0 = _mm256_fmadd_ps(widen8(w0 + i), x0, a0);
+        a1 = _mm256_fmadd_ps(widen8(w1 + i), x0, a1);
+        a2 = _mm256_fmadd_ps(widen8(w2 + i), x0, a2);
+        a3 = _mm256_fmadd_ps(widen8(w3 + i), x0, a3);
+        b0 = _mm256_fmadd_ps(widen8(w0 + i + 8), x1, b0);
+        b1 = _mm256_fmadd_ps(widen8(w1 + i + 8), x1, b1);
+        b2 = _mm256_fmadd_ps(widen8(w2 + i + 8), x1, b2);
+        b3 = _mm256_fmadd_ps(widen8(w3 + i + 8), x1, b3);
+    }
+    if (i + 8 <= n) {
+        const __m256 x0 = _mm256_loadu_ps(x + i);
+        a0 = _mm256_fmadd_ps(widen8(w0 + i), x0, a0);
+        a1 = _mm256_fmadd_ps(widen8(w1 + i), x0, a1);
+        a2 = _mm256_fmadd_ps(widen8(w2 + i), x0, a2);
+        a3 = _mm256_fmadd_ps(widen8(w3 + i), x0, a3);
+        i += 8;
+    }
+    out[0] = dot_tail(hsum8(_mm256_add_ps(a0, b0)), w0, x, i, n);
+    out[1] = dot_tail(hsum8(_mm256_add_ps(a1, b1)), w1, x, i, n);
+    out[2] = dot_tail(hsum8(_mm256_add_ps(a2, b2)), w2, x, i, n);
+    out[3] = dot_tail(hsum8(_mm256_add_ps(a3, b3)), w3, x, i, n);
 }
 
 __attribute__((target("avx512f"))) static inline __m512 widen16(const uint16_t *w)
@@ -102,54 +163,100 @@ __attribute__((target("avx512f"))) static inline __m512 widen16(const uint16_t *
 __attribute__((target("avx512f"))) static float dot_avx512(const uint16_t *w, const float *x,
                                                            size_t n)
 {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
     size_t i = 0;
-    for (; i + 64 <= n; i += 64) {
-        a0 = _mm512_fmadd_ps(widen16(w + i), _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(widen16(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
-        a2 = _mm512_fmadd_ps(widen16(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
-        a3 = _mm512_fmadd_ps(widen16(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
+    for (; i + 32 <= n; i += 32) {
+        a = _mm512_fmadd_ps(widen16(w + i), _mm512_loadu_ps(x + i), a);
+        b = _mm512_fmadd_ps(widen16(w + i + 16), _mm512_loadu_ps(x + i + 16), b);
     }
-    for (; i + 16 <= n; i += 16)
-        a0 = _mm512_fmadd_ps(widen16(w + i), _mm512_loadu_ps(x + i), a0);
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    return dot_tail(s, w, x, i, n);
+    if (i + 16 <= n) {
+        a = _mm512_fmadd_ps(widen16(w + i), _mm512_loadu_ps(x + i), a);
+        i += 16;
+    }
+    return dot_tail(_mm512_reduce_add_ps(_mm512_add_ps(a, b)), w, x, i, n);
+}
+
+__attribute__((target("avx512f"))) static void dot4_avx512(float *out, const uint16_t *w,
+                                                           size_t ld, const float *x, size_t n,
+                                                           const uint16_t *ahead)
+{
+    const uint16_t *w0 = w, *w1 = w + ld, *w2 = w + 2 * ld, *w3 = w + 3 * ld;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        if (ahead) {
+            const char *p = (const char *)(ahead + i);
+            _mm_prefetch(p, _MM_HINT_T0);
+            _mm_prefetch(p + 2 * ld, _MM_HINT_T0);
+            _mm_prefetch(p + 4 * ld, _MM_HINT_T0);
+            _mm_prefetch(p + 6 * ld, _MM_HINT_T0);
+        }
+        const __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
+        a0 = _mm512_fmadd_ps(widen16(w0 + i), x0, a0);
+        a1 = _mm512_fmadd_ps(widen16(w1 + i), x0, a1);
+        a2 = _mm512_fmadd_ps(widen16(w2 + i), x0, a2);
+        a3 = _mm512_fmadd_ps(widen16(w3 + i), x0, a3);
+        b0 = _mm512_fmadd_ps(widen16(w0 + i + 16), x1, b0);
+        b1 = _mm512_fmadd_ps(widen16(w1 + i + 16), x1, b1);
+        b2 = _mm512_fmadd_ps(widen16(w2 + i + 16), x1, b2);
+        b3 = _mm512_fmadd_ps(widen16(w3 + i + 16), x1, b3);
+    }
+    if (i + 16 <= n) {
+        const __m512 x0 = _mm512_loadu_ps(x + i);
+        a0 = _mm512_fmadd_ps(widen16(w0 + i), x0, a0);
+        a1 = _mm512_fmadd_ps(widen16(w1 + i), x0, a1);
+        a2 = _mm512_fmadd_ps(widen16(w2 + i), x0, a2);
+        a3 = _mm512_fmadd_ps(widen16(w3 + i), x0, a3);
+        i += 16;
+    }
+    out[0] = dot_tail(_mm512_reduce_add_ps(_mm512_add_ps(a0, b0)), w0, x, i, n);
+    out[1] = dot_tail(_mm512_reduce_add_ps(_mm512_add_ps(a1, b1)), w1, x, i, n);
+    out[2] = dot_tail(_mm512_reduce_add_ps(_mm512_add_ps(a2, b2)), w2, x, i, n);
+    out[3] = dot_tail(_mm512_reduce_add_ps(_mm512_add_ps(a3, b3)), w3, x, i, n);
 }
 #endif
 
 typedef float (*dot_fn)(const uint16_t *, const float *, size_t);
+typedef void (*dot4_fn)(float *, const uint16_t *, size_t, const float *, size_t,
+                        const uint16_t *);
 
-static dot_fn pick_dot(void)
+typedef struct {
+    dot_fn dot;
+    dot4_fn dot4;
+    const char *name;
+} Kernels;
+
+/* The widest kernel this CPU runs. PCASURGERY_BF16_KERNEL=generic or
+ * avx2+fma asks for a narrower one (for tests and comparisons); a kernel the
+ * CPU lacks, or any other value, is ignored. */
+static Kernels pick_kernels(void)
 {
+    const char *want = getenv("PCASURGERY_BF16_KERNEL");
+    if (want && strcmp(want, "generic") == 0)
+        return (Kernels){dot_generic, dot4_generic, "generic"};
 #ifdef PCS_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f"))
-        return dot_avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-        return dot_avx2;
+    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (__builtin_cpu_supports("avx512f") && !(want && strcmp(want, "avx2+fma") == 0 && avx2))
+        return (Kernels){dot_avx512, dot4_avx512, "avx512f"};
+    if (avx2)
+        return (Kernels){dot_avx2, dot4_avx2, "avx2+fma"};
 #endif
-    return dot_generic;
+    return (Kernels){dot_generic, dot4_generic, "generic"};
 }
 
-static dot_fn dot_impl(void)
+static const Kernels *kernels(void)
 {
-    static dot_fn f; /* benign race: every thread computes the same pointer */
-    if (!f)
-        f = pick_dot();
-    return f;
+    static Kernels k; /* benign race: every thread computes the same kernels */
+    if (!k.dot)
+        k = pick_kernels();
+    return &k;
 }
 
 const char *pcs_bf16_kernel(void)
 {
-    dot_fn f = dot_impl();
-#ifdef PCS_X86
-    if (f == dot_avx512)
-        return "avx512f";
-    if (f == dot_avx2)
-        return "avx2+fma";
-#endif
-    return f == dot_generic ? "generic" : "?";
+    return kernels()->name;
 }
 
 /* ------------------------------------------------------------- decode */
@@ -160,7 +267,7 @@ typedef struct {
     const float *x;
     size_t n_in, n_out;
     float beta;
-    dot_fn dot;
+    const Kernels *k;
 } GemvJob;
 
 static void gemv_task(void *arg, int id, int n)
@@ -174,16 +281,24 @@ static void gemv_task(void *arg, int id, int n)
         lo = j->n_out;
     if (hi > j->n_out)
         hi = j->n_out;
-    for (size_t r = lo; r < hi; r++) {
-        float d = j->dot(j->W + r * j->n_in, j->x, j->n_in);
-        j->out[r] = j->beta == 0.0f ? d : j->beta * j->out[r] + d;
+    float d[4];
+    size_t r = lo;
+    for (; r + 4 <= hi; r += 4) {
+        const uint16_t *ahead = r + 12 <= hi ? j->W + (r + 8) * j->n_in : NULL;
+        j->k->dot4(d, j->W + r * j->n_in, j->n_in, j->x, j->n_in, ahead);
+        for (int q = 0; q < 4; q++)
+            j->out[r + q] = j->beta == 0.0f ? d[q] : j->beta * j->out[r + q] + d[q];
+    }
+    for (; r < hi; r++) {
+        float v = j->k->dot(j->W + r * j->n_in, j->x, j->n_in);
+        j->out[r] = j->beta == 0.0f ? v : j->beta * j->out[r] + v;
     }
 }
 
 void pcs_gemv_bf16(float *out, const unsigned short *W, const float *x, size_t n_out, size_t n_in,
                    float beta, int n_threads)
 {
-    GemvJob j = {out, W, x, n_in, n_out, beta, dot_impl()};
+    GemvJob j = {out, W, x, n_in, n_out, beta, kernels()};
     /* small products are not worth waking threads for (~10 us each) */
     if (n_out * n_in < ((size_t)1 << 16))
         n_threads = 1;
