@@ -219,7 +219,7 @@ class Bases:
                 if rel <= 1e-9:
                     row.append(float("nan"))
                     continue
-                originals = {n: m.weights[n] for n in g.names}
+                originals = {n: m.stored_weight(n) for n in g.names}
                 with m.lock:
                     try:
                         for n, R in zip(g.names, g.reconstruct(k)):
@@ -491,7 +491,7 @@ def restore(model: LlamaModel, originals: dict[str, np.ndarray]) -> None:
     """Undo apply_latent / apply_quant: original weights, no latents, exact cache."""
     with model.lock:
         for n, W in originals.items():
-            if model.weights[n] is not W:
+            if model.stored_weight(n) is not W:
                 model.set_weight(n, W, check_finite=False)
         for li in range(model.config.num_hidden_layers):
             model.set_latent(li, None, None)

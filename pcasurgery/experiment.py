@@ -32,7 +32,8 @@ def spectra(s: Surgery) -> dict[str, list[list[float]]]:
     """kind -> cumulative explained-variance ratio of each group."""
     out: dict[str, list[list[float]]] = {}
     for g in s.groups:
-        out.setdefault(g.kind, []).append(np.cumsum(g.pca.all_explained_variance_ratio_).tolist())
+        if g.spectrum is not None:
+            out.setdefault(g.kind, []).append(np.cumsum(g.spectrum).tolist())
     return out
 
 
@@ -59,8 +60,6 @@ def run(model: LlamaModel, evaluator: Evaluator, modes: Iterable[str],
         keep = (max(v for _, v in settings) if len(kinds) == 1 else None)  # components needed
         s.fit(progress=(lambda it: progress(it, desc=f"fit {mode}", unit="group"))
               if progress else None, keep=keep)
-        for kind, per_group in spectra(s).items():
-            curves.setdefault(kind, per_group)
         it = progress(settings, desc=f"evaluate {mode}", unit="setting") if progress else settings
         for kind, value in it:
             st = s.apply(**{kind: value})
@@ -84,6 +83,8 @@ def run(model: LlamaModel, evaluator: Evaluator, modes: Iterable[str],
                 "sample": sample,
             })
             s.restore()
+        for kind, per_group in spectra(s).items():  # streaming: known once applied
+            curves.setdefault(kind, per_group)
     return rows, curves
 
 
@@ -183,7 +184,7 @@ def run_budget(model: LlamaModel, evaluator: Evaluator, bases: Any, *, modes: It
     modes, basis, alloc = list(modes), list(basis), list(alloc)
     balance, latent_bits, quantizers = list(balance), list(latent_bits), list(quantizers)
     points = budget_points(c, budgets, modes, quantizers)
-    originals = {n: model.weights[n] for layer in range(c.num_hidden_layers)
+    originals = {n: model.stored_weight(n) for layer in range(c.num_hidden_layers)
                  for n in (proj_name(layer, "k"), proj_name(layer, "v"))}
     dense = dense_kv_bytes(c)
     base = evaluator.base_quality

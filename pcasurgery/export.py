@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -103,27 +103,47 @@ def _jsonable(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str = "F32") -> None:
+def write_safetensors(path: Path, tensors: Mapping[str, Any], dtype: str = "F32",
+                      shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
     """A .safetensors file (F32 or BF16, rounded to nearest even), tensors in
-    the given order, 8-byte aligned header as the reference writer makes."""
+    the given order, 8-byte aligned header as the reference writer makes.
+
+    Written one tensor at a time (a bf16 model's file never needs a float32
+    copy of the model): a value is an array (float, or uint16 bf16 bits), or
+    a function returning one, called when its turn comes, whose shape
+    `shapes` gives (so the header can be written first)."""
+    from .dtypes import from_bf16_bits, to_bf16_bits
+
+    if dtype not in ("F32", "BF16"):
+        raise ValueError(f"dtype must be 'F32' or 'BF16', got {dtype!r}")
+    item = 2 if dtype == "BF16" else 4
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     off = 0
-    blobs = []
-    from .dtypes import to_bf16_bits
-
     for name, a in tensors.items():
-        a = np.ascontiguousarray(a, dtype=np.float32)
-        raw = to_bf16_bits(a).tobytes() if dtype == "BF16" else a.tobytes()
-        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [off, off + len(raw)]}
-        blobs.append(raw)
-        off += len(raw)
+        if callable(a):
+            if shapes is None or name not in shapes:
+                raise ValueError(f"shapes must give the shape of {name}, whose value is a function")
+            shape = [int(x) for x in shapes[name]]
+        else:
+            shape = list(np.shape(a))
+        size = item * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [off, off + size]}
+        off += size
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)
     with open(path, "wb") as f:
         f.write(len(hb).to_bytes(8, "little"))
         f.write(hb)
-        for raw in blobs:
-            f.write(raw)
+        for name, a in tensors.items():
+            a = np.asarray(a() if callable(a) else a)
+            if list(a.shape) != header[name]["shape"]:
+                raise ValueError(f"{name} has shape {a.shape}, expected {tuple(header[name]['shape'])}")
+            if a.dtype == np.uint16:  # bf16 bits
+                raw = np.ascontiguousarray(a) if dtype == "BF16" else from_bf16_bits(a)
+            else:
+                a = np.ascontiguousarray(a, dtype=np.float32)
+                raw = to_bf16_bits(a) if dtype == "BF16" else a
+            f.write(memoryview(raw).cast("B"))
 
 
 def hf_config(model: LlamaModel, dtype: str) -> dict[str, Any]:
@@ -175,7 +195,7 @@ def save_hf_folder(model: LlamaModel, folder: str | os.PathLike, dtype: str | No
     folder = Path(folder)
     check_writable(folder, "--save folder")
     check_empty_or_new(folder, "--save folder")
-    tensors = {n: model.weights[n] for n in model.weights
+    tensors = {n: model.stored_weight(n) for n in model.weights
                if not (n == "lm_head.weight" and model.config.tie_word_embeddings)}
     with staging_dir(folder) as tmp:
         write_json(tmp / "config.json", hf_config(model, dtype))

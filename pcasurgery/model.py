@@ -91,7 +91,8 @@ class LlamaModel:
     weights. Hold ``model.lock`` yourself to make several calls one unit (as
     :class:`pcasurgery.evaluate.Evaluator` does). For parallel forward passes
     use one model per thread; they can share the weight arrays
-    (``LlamaModel(m.config, m.weights)`` copies nothing).
+    (``LlamaModel(m.config, m.weights)`` copies nothing, bf16 matrices
+    included).
     """
 
     def __init__(
@@ -111,6 +112,10 @@ class LlamaModel:
         self.config = config
         self.tokenizer = tokenizer
         self.source = source
+        if isinstance(weights, WeightsView):  # another model's: share its arrays as stored
+            if dtype is None:
+                dtype = weights._m.dtype
+            weights = weights._m._weights
         check_layer_count(config, len(weights), "weights")
         shapes = expected_shapes(config)
         self._names = weight_names(config)
@@ -205,8 +210,17 @@ class LlamaModel:
     # ------------------------------------------------------------- weights
     @property
     def weights(self) -> WeightsView:
-        """Read-only mapping of the weights by Hugging Face name."""
+        """Read-only mapping of the weights by Hugging Face name (float32;
+        a bf16-resident matrix is widened into a new array on each access)."""
         return WeightsView(self)
+
+    def stored_weight(self, name: str) -> np.ndarray:
+        """One weight as the model holds it, not copied: float32, or for a
+        bf16-resident matrix its uint16 bf16 bits (possibly memory-mapped).
+        Read-only by contract; :meth:`set_weight` takes it back unchanged."""
+        if name not in self._weights:
+            raise KeyError(f"no weight named {name!r}")
+        return self._weights[name]
 
     def set_weight(self, name: str, array: Any, *, check_finite: bool = True) -> None:
         """Replace one weight by an array of the same shape (converted to
@@ -214,23 +228,36 @@ class LlamaModel:
         touched or copied. check_finite=False skips the NaN/Inf scan, for
         arrays computed from finite weights (surgery's reconstructions). A
         model that holds its matrices in bfloat16 rounds a new matrix to
-        bf16 (round to nearest even) and keeps that."""
+        bf16 (round to nearest even) and keeps that. A uint16 array is bf16
+        bits (as :meth:`stored_weight` returns them): a bf16-resident model
+        keeps it as it is, a float32 one widens it."""
         from .config import is_matrix
-        from .dtypes import to_bf16_bits
+        from .dtypes import from_bf16_bits, to_bf16_bits
 
         if name not in self._weights:
             raise KeyError(f"no weight named {name!r}")
-        a = np.ascontiguousarray(array, dtype=np.float32)
+        bits = isinstance(array, np.ndarray) and array.dtype == np.uint16
+        keep_bits = bits and self.dtype == "bfloat16" and is_matrix(name)
+        if keep_bits:
+            a = np.ascontiguousarray(array)
+        elif bits:
+            a = from_bf16_bits(array)
+        else:
+            a = np.ascontiguousarray(array, dtype=np.float32)
         if a.shape != self._weights[name].shape:
             raise ValueError(
                 f"{name} must keep its shape {self._weights[name].shape}, got {a.shape}"
             )
-        if check_finite and not np.isfinite(a).all():
-            raise ValueError(f"{name} replacement contains NaN or Inf")
-        if self.dtype == "bfloat16" and is_matrix(name):
-            a = to_bf16_bits(a)
+        if keep_bits:
             if check_finite and _C.bf16_nonfinite(a) >= 0:
-                raise ValueError(f"{name} replacement overflows bfloat16")
+                raise ValueError(f"{name} replacement contains NaN or Inf")
+        else:
+            if check_finite and not np.isfinite(a).all():
+                raise ValueError(f"{name} replacement contains NaN or Inf")
+            if self.dtype == "bfloat16" and is_matrix(name):
+                a = to_bf16_bits(a)
+                if check_finite and _C.bf16_nonfinite(a) >= 0:
+                    raise ValueError(f"{name} replacement overflows bfloat16")
         # a tied embedding and lm_head are one array under two names
         tied = {"model.embed_tokens.weight", "lm_head.weight"}
         names = tied if self.config.tie_word_embeddings and name in tied else {name}

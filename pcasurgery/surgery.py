@@ -28,6 +28,9 @@ from .model import LlamaModel
 from .pca import StackedPCA
 
 MODES = ("separate", "shared-kv", "shared-kv-xlayer", "seed")
+# Fits of a whole plan above this many bytes: Surgery goes one group at a
+# time (a 7-8B model's q_proj fits alone take ~4 GB)
+STREAMING_BYTES = 1 << 30
 PROJS = ("q", "k", "v")
 
 
@@ -45,6 +48,7 @@ class Group:
     names: list[str]           # weight names, stacked in this order
     pca: StackedPCA | None = None
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # name -> scores, on first use
+    spectrum: np.ndarray | None = None  # explained-variance ratio of every component, once fitted
 
 
 def plan(config: Any, mode: str = "shared-kv", proj: str | Iterable[str] = PROJS,
@@ -121,19 +125,71 @@ class Surgery:
     fits : optional dict shared between Surgery objects on the same model: a
         group that another plan already decomposed (e.g. every layer's
         q_proj, alone in both separate and shared-kv) is not fitted again
+    streaming : one group at a time (True), keeping no fit: each
+        :meth:`apply` fits a group, writes its reconstruction and frees the
+        fit before the next, so memory holds one group's float32 copies and
+        fit, not all of them (a 7-8B model); every setting then fits again.
+        False keeps every fit for any number of settings. None (default):
+        streaming when the kept fits would exceed STREAMING_BYTES.
+
+    The originals are the arrays the model holds (not copied): a
+    bf16-resident model's matrices stay bf16 and are widened to float32 one
+    group at a time; the reconstructions are written back rounded to bf16
+    (:attr:`written_dtype`), and :meth:`restore` puts the original bits back.
     """
 
     def __init__(self, model: LlamaModel, mode: str = "shared-kv", proj: str | Iterable[str] = PROJS,
                  center: bool = True, layers_per_group: int = 0,
-                 fits: dict | None = None) -> None:
+                 fits: dict | None = None, streaming: bool | None = None) -> None:
         self.model = model
         self.mode = mode
         self.center = True if mode == "seed" else bool(center)  # sklearn PCA centers
         self.groups = plan(model.config, mode, proj, layers_per_group)
         self.fit_count = 0
-        self._originals = {n: model.weights[n] for g in self.groups for n in g.names}
+        self._originals = {n: model.stored_weight(n) for g in self.groups for n in g.names}
         self._fits = {} if fits is None else fits  # (names, center, keep) -> (pca, scores)
         self.fit_seconds = 0.0
+        if streaming is None:
+            streaming = self.fit_bytes() > STREAMING_BYTES
+        self.streaming = bool(streaming)
+
+    @property
+    def written_dtype(self) -> str:
+        """The dtype reconstructions are written back in: the model's."""
+        return self.model.dtype
+
+    def fit_bytes(self) -> int:
+        """Bytes every group's kept fit takes (float32 components, mean and
+        scores at full rank): what a non-streaming plan holds."""
+        d = self.model.config.hidden_size
+        total = 0
+        for g in self.groups:
+            rows = sum(self._originals[n].shape[0] for n in g.names)
+            k = min(rows, d)
+            total += 4 * (k * d + d + rows * k)
+        return total
+
+    def _float32(self, name: str) -> np.ndarray:
+        """An original matrix in float32 (a new array for a bf16 one)."""
+        from .dtypes import from_bf16_bits
+
+        a = self._originals[name]
+        return from_bf16_bits(a) if a.dtype == np.uint16 else a
+
+    def _fit_group(self, g: Group, keep: float | int | None) -> tuple[StackedPCA, dict]:
+        n = keep
+        if isinstance(keep, (int, np.integer)) and not isinstance(keep, bool):
+            rows = sum(self._originals[x].shape[0] for x in g.names)
+            n = min(int(keep), rows, self.model.config.hidden_size)
+        key = (tuple(g.names), self.center, n)
+        fit = self._fits.get(key)
+        if fit is None:
+            fit = (StackedPCA(n, center=self.center).fit([self._float32(x) for x in g.names]), {})
+            self.fit_count += 1
+            if not self.streaming:  # the scores dict is shared with the fit too
+                self._fits[key] = fit
+        g.spectrum = fit[0].all_explained_variance_ratio_
+        return fit
 
     # ------------------------------------------------------------------ fit
     def fit(self, progress: Callable[[Iterable], Iterable] | None = None,
@@ -142,70 +198,92 @@ class Surgery:
 
         keep: the largest setting that will be applied, a variance fraction
         or a rank; only that many components are computed (the spectrum
-        always is whole). None: all of them."""
+        always is whole). None: all of them. Streaming: nothing is fitted
+        here; each :meth:`apply` fits the groups it needs, one at a time."""
+        if self.streaming:
+            return self
         t0 = time.perf_counter()
         it = progress(self.groups) if progress else self.groups
         for g in it:
             if g.pca is None:
-                n = keep
-                if isinstance(keep, (int, np.integer)) and not isinstance(keep, bool):
-                    rows = sum(self._originals[x].shape[0] for x in g.names)
-                    n = min(int(keep), rows, self.model.config.hidden_size)
-                key = (tuple(g.names), self.center, n)
-                if key not in self._fits:  # the scores dict is shared with the fit too
-                    self._fits[key] = (StackedPCA(n, center=self.center).fit(
-                        [self._originals[x] for x in g.names]), {})
-                    self.fit_count += 1
-                g.pca, g.scores = self._fits[key]
+                g.pca, g.scores = self._fit_group(g, keep)
         self.fit_seconds += time.perf_counter() - t0
         return self
 
     # ---------------------------------------------------------------- apply
     def ks_for(self, var: float | None = None, rank: int | None = None) -> dict[str, int]:
         """Components each group keeps at a variance threshold or a rank."""
-        if (var is None) == (rank is None):
-            raise ValueError("give exactly one of var (fraction of variance kept) and rank")
+        self._check_setting(var, rank)
         self._check_fitted()
         if rank is not None:
-            if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
-                raise ValueError(f"rank must be a positive int, got {rank!r}")
             most = max(g.pca.max_components_ for g in self.groups)
             if rank > most:
                 raise ValueError(f"rank {rank} exceeds the {most} components of the "
                                  "largest group; expected at most that")
-        ks = {}
-        for g in self.groups:
-            if var is not None:
-                ks[g.label] = g.pca.n_components_for(var)
-            else:
-                ks[g.label] = min(int(rank), g.pca.max_components_)
-            if ks[g.label] > g.pca.n_components_:
-                raise ValueError(
-                    f"{g.label} needs {ks[g.label]} components at this setting but the fit kept "
-                    f"{g.pca.n_components_}; fit with a larger keep"
-                )
-        return ks
+        return {g.label: self._k(g.pca, g.label, var, rank) for g in self.groups}
+
+    @staticmethod
+    def _check_setting(var: float | None, rank: int | None) -> None:
+        if (var is None) == (rank is None):
+            raise ValueError("give exactly one of var (fraction of variance kept) and rank")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, np.integer))
+                                 or rank < 1):
+            raise ValueError(f"rank must be a positive int, got {rank!r}")
+
+    @staticmethod
+    def _k(pca: StackedPCA, label: str, var: float | None, rank: int | None) -> int:
+        k = pca.n_components_for(var) if var is not None else min(int(rank), pca.max_components_)
+        if k > pca.n_components_:
+            raise ValueError(f"{label} needs {k} components at this setting but the fit kept "
+                             f"{pca.n_components_}; fit with a larger keep")
+        return k
 
     def apply(self, var: float | None = None, rank: int | None = None) -> Setting:
         """Replace every planned matrix by its reconstruction (in place; the
         originals are kept and :meth:`restore` puts them back)."""
         t0 = time.perf_counter()
-        ks = self.ks_for(var, rank)
-        with self.model.lock:  # other threads see the model before or after, never halfway
-            for g in self.groups:
-                k = ks[g.label]
-                # the reconstruction mean: dropped by the original code ("seed"), which
-                # rebuilt W as transform(W)[:, :k] @ components_[:k]
-                mean = np.zeros_like(g.pca.mean_) if self.mode == "seed" else g.pca.mean_
-                for n in g.names:
-                    Z = g.scores.get(n)
-                    if Z is None:  # scores at every kept rank, once: a setting is one product
-                        Z = g.scores[n] = g.pca.transform(self._originals[n])
-                    R = _C.pca_reconstruct(Z[:, :k], g.pca.components_, mean)
-                    self.model.set_weight(n, R, check_finite=False)
+        if self.streaming:
+            ks = self._apply_streaming(var, rank)
+        else:
+            ks = self.ks_for(var, rank)
+            with self.model.lock:  # other threads see the model before or after, never halfway
+                for g in self.groups:
+                    self._write(g, g.pca, g.scores, ks[g.label])
         s = Setting(self.mode, var, rank, ks, time.perf_counter() - t0)
         s.budget = self.budget(ks)
         return s
+
+    def _write(self, g: Group, pca: StackedPCA, scores: dict, k: int) -> None:
+        """Replace g's matrices by their rank-k reconstructions."""
+        # the reconstruction mean: dropped by the original code ("seed"), which
+        # rebuilt W as transform(W)[:, :k] @ components_[:k]
+        mean = np.zeros_like(pca.mean_) if self.mode == "seed" else pca.mean_
+        for n in g.names:
+            Z = scores.get(n)
+            if Z is None:  # scores at every kept rank, once: a setting is one product
+                Z = scores[n] = pca.transform(self._float32(n))
+            R = _C.pca_reconstruct(Z[:, :k], pca.components_, mean)
+            self.model.set_weight(n, R, check_finite=False)
+
+    def _apply_streaming(self, var: float | None, rank: int | None) -> dict[str, int]:
+        """Fit, write and free one group at a time (the model is locked
+        throughout; an error restores the originals)."""
+        self._check_setting(var, rank)
+        keep = var if var is not None else rank  # the components this setting needs
+        ks: dict[str, int] = {}
+        with self.model.lock:
+            try:
+                for g in self.groups:
+                    t0 = time.perf_counter()
+                    pca, scores = self._fit_group(g, keep)
+                    self.fit_seconds += time.perf_counter() - t0
+                    ks[g.label] = self._k(pca, g.label, var, rank)
+                    self._write(g, pca, scores, ks[g.label])
+                    del pca, scores
+            except BaseException:
+                self.restore()
+                raise
+        return ks
 
     def restore(self) -> None:
         """Put the original arrays back (bit-identical: the same arrays)."""
@@ -234,13 +312,13 @@ class Surgery:
         dense = factored = 0
         for layer in range(c.num_hidden_layers):
             for p in PROJS:
-                size = self.model.weights[proj_name(layer, p)].size
+                size = self.model.stored_weight(proj_name(layer, p)).size
                 dense += size
                 if proj_name(layer, p) not in touched:
                     factored += size
         for g in self.groups:
             k = ks[g.label]
-            rows = sum(self._originals[n].shape[0] for n in g.names)
+            rows = sum(self._originals[n].shape[0] for n in g.names)  # shapes only
             factored += k * d + rows * k + (d if self.center else 0)
         kv_dense = 2 * c.kv_dim * c.num_hidden_layers
         kv = 0
@@ -262,5 +340,8 @@ class Surgery:
                 "kv_ratio": kv / kv_dense}
 
     def _check_fitted(self) -> None:
+        if self.streaming:
+            raise RuntimeError("a streaming Surgery keeps no fits: its ranks are known only "
+                               "while apply() runs (see Setting.ks)")
         if any(g.pca is None for g in self.groups):
             raise RuntimeError("call fit() before apply()")
