@@ -7,6 +7,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from test_surgery import model as stories  # noqa: F401  (the stories260K fixture)
 
 from pcasurgery import LlamaModel
 from pcasurgery.checkpoints import load_safetensors
@@ -14,7 +15,6 @@ from pcasurgery.dtypes import from_bf16_bits, to_bf16_bits
 from pcasurgery.evaluate import Evaluator
 from pcasurgery.export import write_safetensors
 from pcasurgery.surgery import Surgery, proj_name
-from test_surgery import model as stories  # noqa: F401  (the stories260K fixture)
 
 
 @pytest.fixture(scope="module")
