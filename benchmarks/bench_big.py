@@ -15,7 +15,8 @@ The measured side runs in its own subprocess (peak RSS is its own):
   decode: a 16-token prompt, then --decode greedy steps;
   surgery: Evaluator on --tokens random token ids (the base logits), then
   shared-kv on k_proj and v_proj at --var, one group at a time (fit, write
-  back in bf16, free), evaluated on the same tokens, and restored.
+  back in bf16, free), evaluated on the same tokens, and restored (the
+  model then holds its original arrays again).
 The read bandwidth is measured in the same run (bench_forward's sgemv
 stream); decode's bound is that bandwidth / the bf16 bytes read per token.
 
@@ -149,14 +150,16 @@ def run_side(folder: Path, args: argparse.Namespace) -> dict:
     out["base_eval_s"] = time.perf_counter() - t0
     out["base_perplexity"] = ev.base_quality.perplexity
     streaming = {"auto": None, "on": True, "off": False}[args.streaming]
+    held = {n: m.stored_weight(n) for n in m.weights}
     s = Surgery(m, "shared-kv", proj="k,v", streaming=streaming).fit(keep=args.var)
     st = s.apply(var=args.var)
     q = ev.evaluate()
     s.restore()
+    restored = all(m.stored_weight(n) is a for n, a in held.items())
     out.update(streaming=s.streaming, fit_s=s.fit_seconds, apply_s=st.seconds, eval_s=q.seconds,
                eval_tokens=q.tokens, kl=q.kl, perplexity=q.perplexity, kv_ratio=st.budget["kv_ratio"],
                components_mean=float(np.mean(list(st.ks.values()))),
-               written_dtype=s.written_dtype, restored_kl=ev.evaluate().kl,
+               written_dtype=s.written_dtype, restored=restored,
                peak_rss_gb=peak_rss_gb())
     return out
 
@@ -214,7 +217,7 @@ def main() -> None:
           f"apply {r['apply_s']:.1f} s, evaluation {r['eval_s']:.1f} s (base {r['base_eval_s']:.1f} s);"
           f" written back in {r['written_dtype']}; KV cache {r['kv_ratio']:.1%}, "
           f"{r['components_mean']:.0f} components per layer; KL {r['kl']:.4f} (random weights: "
-          f"not a quality number); after restore KL {r['restored_kl']:g}")
+          f"not a quality number); restored to the original arrays: {r['restored']}")
     print(f"peak RSS: {r['peak_rss_gb']:.2f} GB = bf16 weights {weights_gb:.2f} GB + {over:.2f} GB "
           f"(target: + at most 2 GB)")
     if args.json:

@@ -37,6 +37,41 @@ def window_kl_agree(ref: np.ndarray, other: np.ndarray) -> tuple[float, int]:
             int((ref.argmax(-1) == other.argmax(-1)).sum()))
 
 
+# Log-prob rows computed at once: float64 temporaries of (ROWS, V), never of
+# (T, V) (a 128k vocabulary makes a 512-token window's 0.5 GB each).
+ROWS = 64
+
+
+def log_probs(logits: np.ndarray) -> np.ndarray:
+    """log_softmax of logits (T, V) into one (T, V) float64 array, ROWS rows
+    at a time."""
+    out = np.empty(logits.shape, np.float64)
+    for r0 in range(0, len(logits), ROWS):
+        out[r0:r0 + ROWS] = log_softmax(logits[r0:r0 + ROWS])
+    return out
+
+
+def window_scores(logits: np.ndarray, win: np.ndarray,
+                  ref: np.ndarray | None = None) -> tuple[float, float, int]:
+    """For a window's logits (T, V): the negative log-likelihood of win[1:]
+    (as window_nll), and with ref (the reference's log-probs, (T, V)) the
+    summed KL(ref || these) and argmax agreements (as window_kl_agree),
+    computed ROWS rows at a time."""
+    nll = kl = 0.0
+    agree = 0
+    T = len(win)
+    for r0 in range(0, T, ROWS):
+        ls = log_softmax(logits[r0:r0 + ROWS])
+        r1 = r0 + len(ls)
+        rows = np.arange(r0, min(r1, T - 1))
+        nll -= float(ls[rows - r0, win[rows + 1]].sum())
+        if ref is not None:
+            k, a = window_kl_agree(ref[r0:r1], ls)
+            kl += k
+            agree += a
+    return nll, kl, agree
+
+
 @dataclass
 class Quality:
     perplexity: float
@@ -85,9 +120,18 @@ class Evaluator:
             self.windows = document_windows(docs, model.config.bos_token_id, n_ctx)
         else:
             self.windows = model._windows(tokens, n_ctx)
+        t0 = time.perf_counter()
+        nll = 0.0
+        self.base = []
         with model.lock:
-            self.base = [log_softmax(model.logits(w)) for w in self.windows]
-        self.base_quality = self.evaluate()
+            for w in self.windows:
+                lb = log_probs(model.logits(w))
+                nll += window_nll(lb, w)
+                self.base.append(lb)
+        # the base against itself: KL 0 and every argmax agrees, exactly
+        scored = sum(len(w) - 1 for w in self.windows)
+        self.base_quality = Quality(float(np.exp(nll / scored)), 0.0, 1.0, scored,
+                                    time.perf_counter() - t0)
 
     def evaluate(self) -> Quality:
         t0 = time.perf_counter()
@@ -95,9 +139,8 @@ class Evaluator:
         agree = count = scored = 0
         with self.model.lock:  # one set of weights for every window
             for w, lb in zip(self.windows, self.base):
-                ls = log_softmax(self.model.logits(w))
-                nll += window_nll(ls, w)
-                k, a = window_kl_agree(lb, ls)
+                n, k, a = window_scores(self.model.logits(w), w, lb)
+                nll += n
                 kl += k
                 agree += a
                 count += len(w)

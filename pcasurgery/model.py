@@ -21,7 +21,7 @@ import numpy as np
 from . import _C
 from .checkpoints import check_layer_count, load_llama2c
 from .config import LlamaConfig, expected_shapes, runtime_names, weight_names
-from .evaluate import log_softmax, window_kl_agree, window_nll
+from .evaluate import log_probs, log_softmax, window_scores
 
 
 def _token_text_of(tok: Any, i: int | None) -> str:
@@ -449,7 +449,7 @@ class LlamaModel:
         windows = self._windows(text_or_tokens, n_ctx)
         with self.lock:  # one set of weights for every window
             for win in windows:
-                nll += window_nll(log_softmax(self.logits(win)[:-1]), win)
+                nll += window_scores(self.logits(win), win)[0]
                 count += len(win) - 1
         return float(np.exp(nll / count)), count
 
@@ -467,8 +467,7 @@ class LlamaModel:
             for m in sorted({id(self): self, id(reference): reference}.items()):
                 held.enter_context(m[1].lock)
             for win in windows:
-                k, a = window_kl_agree(log_softmax(reference.logits(win)),
-                                       log_softmax(self.logits(win)))
+                _, k, a = window_scores(self.logits(win), win, log_probs(reference.logits(win)))
                 kl += k
                 agree += a
                 count += len(win)

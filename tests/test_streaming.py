@@ -173,3 +173,23 @@ def test_write_safetensors_one_tensor_at_a_time(tmp_path):
         write_safetensors(p, {"b": make_b}, "BF16")
     with pytest.raises(ValueError, match=r"b has shape \(4, 2\), expected \(2, 4\)"):
         write_safetensors(tmp_path / "y.safetensors", {"b": make_b}, "BF16", shapes={"b": (2, 4)})
+
+
+def test_window_scores_equal_the_whole_window_formulas():
+    """The row-chunked scores (no (T, V) float64 temporaries) equal
+    window_nll / window_kl_agree on whole windows, across chunk edges."""
+    from pcasurgery.evaluate import (ROWS, log_probs, log_softmax, window_kl_agree, window_nll,
+                                     window_scores)
+
+    rng = np.random.default_rng(0)
+    for T in (1, ROWS - 1, ROWS, ROWS + 1, 2 * ROWS + 7):
+        logits = (3 * rng.standard_normal((T, 50))).astype(np.float32)
+        ref = log_softmax(logits + rng.standard_normal((T, 50)).astype(np.float32))
+        win = rng.integers(0, 50, T)
+        nll, kl, agree = window_scores(logits, win, ref)
+        whole = log_softmax(logits)
+        np.testing.assert_array_equal(log_probs(logits), whole)
+        assert nll == pytest.approx(window_nll(whole, win), rel=1e-12, abs=1e-12)
+        k, a = window_kl_agree(ref, whole)
+        assert kl == pytest.approx(k, rel=1e-12) and agree == a
+        assert window_scores(logits, win)[1:] == (0.0, 0)
