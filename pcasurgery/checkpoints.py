@@ -306,6 +306,31 @@ def load_safetensors(
     return out
 
 
+def release_mapped(a: np.ndarray) -> bool:
+    """Drop the pages of a memory-mapped tensor (one load_safetensors made)
+    from this process's resident set: for a tensor the model stopped
+    reading (surgery replaced it). They stay in the page cache and come
+    back on the next read, so the array stays valid. Pages it shares with a
+    neighbouring tensor are kept. Returns whether it was memory-mapped."""
+    import mmap
+
+    base = a
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if not (isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)):
+        return False
+    mm = base.obj
+    if mm.closed or not hasattr(mm, "madvise"):
+        return False
+    start = a.ctypes.data - np.frombuffer(mm, dtype=np.uint8, count=1).ctypes.data
+    page = mmap.PAGESIZE
+    lo = -(-start // page) * page
+    hi = (start + a.nbytes) // page * page
+    if hi > lo:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    return True
+
+
 # ------------------------------------------------------- Hugging Face folders
 
 # Hugging Face class -> its model_type and the defaults its config class uses

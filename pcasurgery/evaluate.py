@@ -42,21 +42,12 @@ def window_kl_agree(ref: np.ndarray, other: np.ndarray) -> tuple[float, int]:
 ROWS = 64
 
 
-def log_probs(logits: np.ndarray) -> np.ndarray:
-    """log_softmax of logits (T, V) into one (T, V) float64 array, ROWS rows
-    at a time."""
-    out = np.empty(logits.shape, np.float64)
-    for r0 in range(0, len(logits), ROWS):
-        out[r0:r0 + ROWS] = log_softmax(logits[r0:r0 + ROWS])
-    return out
-
-
 def window_scores(logits: np.ndarray, win: np.ndarray,
                   ref: np.ndarray | None = None) -> tuple[float, float, int]:
     """For a window's logits (T, V): the negative log-likelihood of win[1:]
-    (as window_nll), and with ref (the reference's log-probs, (T, V)) the
-    summed KL(ref || these) and argmax agreements (as window_kl_agree),
-    computed ROWS rows at a time."""
+    (as window_nll), and with ref (the reference's logits, (T, V)) the
+    summed KL(ref || these) and argmax agreements (as window_kl_agree on
+    both log-probs), computed ROWS rows at a time."""
     nll = kl = 0.0
     agree = 0
     T = len(win)
@@ -66,7 +57,7 @@ def window_scores(logits: np.ndarray, win: np.ndarray,
         rows = np.arange(r0, min(r1, T - 1))
         nll -= float(ls[rows - r0, win[rows + 1]].sum())
         if ref is not None:
-            k, a = window_kl_agree(ref[r0:r1], ls)
+            k, a = window_kl_agree(log_softmax(ref[r0:r1]), ls)
             kl += k
             agree += a
     return nll, kl, agree
@@ -122,11 +113,11 @@ class Evaluator:
             self.windows = model._windows(tokens, n_ctx)
         t0 = time.perf_counter()
         nll = 0.0
-        self.base = []
+        self.base = []  # the base logits (float32; log-probs are computed as they are used)
         with model.lock:
             for w in self.windows:
-                lb = log_probs(model.logits(w))
-                nll += window_nll(lb, w)
+                lb = model.logits(w)
+                nll += window_scores(lb, w)[0]
                 self.base.append(lb)
         # the base against itself: KL 0 and every argmax agrees, exactly
         scored = sum(len(w) - 1 for w in self.windows)

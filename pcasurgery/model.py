@@ -21,7 +21,7 @@ import numpy as np
 from . import _C
 from .checkpoints import check_layer_count, load_llama2c
 from .config import LlamaConfig, expected_shapes, runtime_names, weight_names
-from .evaluate import log_probs, log_softmax, window_scores
+from .evaluate import log_softmax, window_scores
 
 
 def _token_text_of(tok: Any, i: int | None) -> str:
@@ -262,10 +262,15 @@ class LlamaModel:
         tied = {"model.embed_tokens.weight", "lm_head.weight"}
         names = tied if self.config.tie_word_embeddings and name in tied else {name}
         with self.lock:
+            replaced = self._weights[name]
             for n in names:
                 self._rt.set_weight(self._rt_index[n], a)
                 self._weights[n] = a
             self._rt.reset()
+            if replaced is not a and replaced.dtype == np.uint16:
+                from .checkpoints import release_mapped
+
+                release_mapped(replaced)  # a memory-mapped original leaves the resident set
 
     def set_latent(self, layer: int, k_down: Any, k_up: Any, v_down: Any = None,
                    v_up: Any = None) -> None:
@@ -467,7 +472,7 @@ class LlamaModel:
             for m in sorted({id(self): self, id(reference): reference}.items()):
                 held.enter_context(m[1].lock)
             for win in windows:
-                _, k, a = window_scores(self.logits(win), win, log_probs(reference.logits(win)))
+                _, k, a = window_scores(self.logits(win), win, reference.logits(win))
                 kl += k
                 agree += a
                 count += len(win)
