@@ -175,32 +175,41 @@ def main() -> None:
     ap.add_argument("--var", type=float, default=0.3, help="variance kept by the K/V surgery")
     ap.add_argument("--streaming", choices=("auto", "on", "off"), default="auto")
     ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--side", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--side", choices=("write", "measure"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     cfg, n_shards = CONFIGS[args.config]
     folder = Path(args.workdir or os.path.join(os.environ.get("TMPDIR", "/tmp"), "pcasurgery-bench",
                                                f"llama31-{args.config}-random"))
-    if args.side:
+    if args.side == "write":
+        print(json.dumps(write_checkpoint(folder, cfg, n_shards)))
+        return
+    if args.side == "measure":
         print(json.dumps(run_side(folder, args)))
         return
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"threads: {args.threads}")
-    wrote = write_checkpoint(folder, cfg, n_shards)
+    # each step in a child: a child's peak RSS (ru_maxrss) includes its parent's
+    # peak when it is spawned, and writing holds the largest tensor (1 GB)
+    common = ["--config", args.config, "--workdir", str(folder)]
+    p = subprocess.run([sys.executable, __file__, "--side", "write", *common],
+                       capture_output=True, text=True)
+    if p.returncode:
+        sys.exit(f"writing the checkpoint failed:\n{p.stderr[-3000:]}")
+    wrote = json.loads(p.stdout.strip().splitlines()[-1])
     shapes = tensor_shapes(cfg)
     weights_gb = sum(2 * int(np.prod(s)) for s in shapes.values()) / 1e9
     read_gb = sum(2 * int(np.prod(s)) for n, s in shapes.items()
                   if len(s) == 2 and n != "model.embed_tokens.weight") / 1e9
     print(f"checkpoint: {folder} ({weights_gb:.2f} GB bf16 in {n_shards} shards; "
           + (f"written in {wrote:.0f} s)" if wrote else "already there)"))
-    cmd = [sys.executable, __file__, "--side", "--config", args.config, "--workdir", str(folder),
-           "--threads", str(args.threads), "--decode", str(args.decode), "--tokens",
+    cmd = [sys.executable, __file__, "--side", "measure", *common, "--threads", str(args.threads), "--decode", str(args.decode), "--tokens",
            str(args.tokens), "--var", str(args.var), "--streaming", args.streaming]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode:
         sys.exit(f"the measured side failed:\n{p.stderr[-3000:]}")
     r = json.loads(p.stdout.strip().splitlines()[-1])
-    # after the side: its peak RSS must not start from the parent's 2-4 GiB streams
+    # after the side: the bandwidth probe streams 2-4 GiB
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_forward import machine_limits
 

@@ -168,6 +168,9 @@ def main() -> None:
     ap.add_argument("--side", help=argparse.SUPPRESS)  # "ours:float32", ...
     args = ap.parse_args()
     folder = Path(args.workdir)
+    if args.side == "prepare":
+        prepare(folder)
+        return
     if args.side:
         who, dtype = args.side.split(":")
         fn = run_ours if who == "ours" else run_transformers
@@ -177,16 +180,11 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"threads per side: {args.threads}")
     t0 = time.perf_counter()
-    prepare(folder)
+    # in a child: the parent's peak RSS would count in every side spawned after it
+    subprocess.run([sys.executable, __file__, "--side", "prepare", "--workdir", str(folder)],
+                   check=True)
     print(f"checkpoint: {folder} ({(folder / 'model.safetensors').stat().st_size / 1e9:.2f} GB bf16, "
           f"ready in {time.perf_counter() - t0:.0f} s)")
-    lim = machine_limits(args.threads)
-    pre_bound = lim["sgemm_gflops"] / GFLOP_PER_TOKEN
-    dec_bound = {"float32": lim["read_gbps"] / (PARAMS * 4 / 1e9),
-                 "bfloat16": lim["read_gbps"] / (PARAMS * 2 / 1e9)}
-    print(f"limits: sgemm {lim['sgemm_gflops']:.0f} GFLOP/s -> prefill <= {pre_bound:.1f} tok/s; "
-          f"read {lim['read_gbps']:.1f} GB/s -> decode <= {dec_bound['float32']:.2f} tok/s "
-          f"(float32 weights), {dec_bound['bfloat16']:.2f} (bf16)")
     import pcasurgery
 
     print(f"our bf16 kernel on this CPU: {pcasurgery._C.bf16_kernel()}")
@@ -199,6 +197,15 @@ def main() -> None:
         if out.returncode:
             sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
         res[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    # after the sides: a child's peak RSS (ru_maxrss) includes its parent's peak
+    # when it is spawned, and the bandwidth probe's 2-4 GiB would count in every side
+    lim = machine_limits(args.threads)
+    pre_bound = lim["sgemm_gflops"] / GFLOP_PER_TOKEN
+    dec_bound = {"float32": lim["read_gbps"] / (PARAMS * 4 / 1e9),
+                 "bfloat16": lim["read_gbps"] / (PARAMS * 2 / 1e9)}
+    print(f"limits: sgemm {lim['sgemm_gflops']:.0f} GFLOP/s -> prefill <= {pre_bound:.1f} tok/s; "
+          f"read {lim['read_gbps']:.1f} GB/s -> decode <= {dec_bound['float32']:.2f} tok/s "
+          f"(float32 weights), {dec_bound['bfloat16']:.2f} (bf16)")
     o, b = res["ours:float32"], res["ours:bfloat16"]
     t, tb = res["transformers:float32"], res["transformers:bfloat16"]
     print(f"\n{'':22}{'ours f32':>10}{'ours bf16':>11}{'hf f32':>9}{'hf bf16':>9}")
