@@ -203,8 +203,9 @@ def main() -> None:
                   if len(s) == 2 and n != "model.embed_tokens.weight") / 1e9
     print(f"checkpoint: {folder} ({weights_gb:.2f} GB bf16 in {n_shards} shards; "
           + (f"written in {wrote:.0f} s)" if wrote else "already there)"))
-    cmd = [sys.executable, __file__, "--side", "measure", *common, "--threads", str(args.threads), "--decode", str(args.decode), "--tokens",
-           str(args.tokens), "--var", str(args.var), "--streaming", args.streaming]
+    cmd = [sys.executable, __file__, "--side", "measure", *common, "--threads",
+           str(args.threads), "--decode", str(args.decode), "--tokens", str(args.tokens),
+           "--var", str(args.var), "--streaming", args.streaming]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode:
         sys.exit(f"the measured side failed:\n{p.stderr[-3000:]}")
