@@ -269,6 +269,13 @@ class Surgery:
         """Fit, write and free one group at a time (the model is locked
         throughout; an error restores the originals)."""
         self._check_setting(var, rank)
+        if rank is not None:  # as ks_for: a rank beyond every group is refused before any fit
+            d = self.model.config.hidden_size
+            most = max(min(sum(self._originals[n].shape[0] for n in g.names), d)
+                       for g in self.groups)
+            if rank > most:
+                raise ValueError(f"rank {rank} exceeds the {most} components of the "
+                                 "largest group; expected at most that")
         keep = var if var is not None else rank  # the components this setting needs
         ks: dict[str, int] = {}
         with self.model.lock:

@@ -57,6 +57,12 @@ def test_streaming_writes_what_the_kept_fits_write(stories, bf16_model, dtype, m
     s.restore()
     with pytest.raises(RuntimeError, match="streaming"):
         s.ks_for(**setting)
+    with pytest.raises(ValueError, match="exceeds the 64 components of the largest group"):
+        s.apply(rank=65)
+    assert s.fit_count == 2 * len(s.groups)  # refused before any fit
+    for bad in ({}, {"var": 0.5, "rank": 2}, {"rank": 0}, {"rank": True}):
+        with pytest.raises(ValueError, match="var|rank"):
+            s.apply(**bad)
 
 
 def test_streaming_is_chosen_when_the_fits_are_big(stories, monkeypatch):  # noqa: F811
