@@ -164,9 +164,12 @@ def test_every_decode_kernel_equals_transformers(folders, tmp_path, kernel):
     import sys
 
     env = dict(os.environ, PCASURGERY_BF16_KERNEL=kernel)
-    out = subprocess.run([sys.executable, "-c", KERNEL_RUN, str(folders["bf16"]),
-                          str(tmp_path / "l.npy")], env=env, capture_output=True, text=True,
-                         check=True).stdout.split()[-1]
+    # cwd: not the repository root, whose pcasurgery/ has no built extension in CI
+    p = subprocess.run([sys.executable, "-c", KERNEL_RUN, str(folders["bf16"]),
+                        str(tmp_path / "l.npy")], env=env, capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = p.stdout.split()[-1]
     if kernel:
         if out != kernel:
             pytest.skip(f"this CPU has no {kernel} (got {out})")
