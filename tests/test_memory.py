@@ -56,26 +56,31 @@ def test_refcounts_and_rss_flat_over_1000_calls():
     assert sys.getrefcount(comps) == 2 and sys.getrefcount(eig) == 2 and sys.getrefcount(mean) == 2
 
 
+def tiny_model(hidden: int, intermediate: int, seed: int, dtype: str = "float32"):
+    """A 2-layer GQA model with random weights (and the weights it was given)."""
+    from pcasurgery import LlamaConfig, LlamaModel
+    from pcasurgery.config import expected_shapes
+
+    c = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                    max_position_embeddings=64)
+    rng = np.random.default_rng(seed)
+    w = {n: (rng.standard_normal(s) * 0.3).astype(np.float32)
+         for n, s in expected_shapes(c).items()}
+    return LlamaModel(c, w, dtype=dtype), w
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
 def test_runtime_and_conversion_flat_over_1000_calls():
     """LlamaRuntime.forward / set_weight / reset and to_float32 (success and
     error paths) neither leak references nor memory."""
-    from pcasurgery import LlamaConfig, LlamaModel
-    from pcasurgery.config import expected_shapes
-
-    c = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                    max_position_embeddings=64)
-    rng = np.random.default_rng(1)
-    w = {n: (rng.standard_normal(s) * 0.3).astype(np.float32)
-         for n, s in expected_shapes(c).items()}
-    m = LlamaModel(c, w)
+    m, w = tiny_model(64, 96, seed=1)
     rt = m._rt
     k_idx = m._rt_index["model.layers.1.self_attn.k_proj.weight"]
     k_new = m.weights["model.layers.1.self_attn.k_proj.weight"] * 0.5
     k_old = m.weights["model.layers.1.self_attn.k_proj.weight"]
     tokens = np.arange(1, 33, dtype=np.int64)
-    bf16 = (rng.standard_normal(300_000).astype(np.float32).view(np.uint32) >> 16).astype(
+    bf16 = (np.random.default_rng(1).standard_normal(300_000).astype(np.float32).view(np.uint32) >> 16).astype(
         np.uint16).tobytes()
     bad = bytearray(bf16)
     bad[-2:] = b"\xc0\x7f"  # a NaN at the end
@@ -125,17 +130,9 @@ def test_bf16_runtime_and_streaming_surgery_flat_over_many_calls():
     """bf16-resident weights: prefill (widened blocks), decode (the thread
     pool), set_weight with float and bf16 arrays, and a streaming surgery
     applied and restored, neither leak references nor memory."""
-    from pcasurgery import LlamaConfig, LlamaModel
-    from pcasurgery.config import expected_shapes
     from pcasurgery.surgery import Surgery
 
-    c = LlamaConfig(hidden_size=128, intermediate_size=160, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                    max_position_embeddings=64)
-    rng = np.random.default_rng(2)
-    w = {n: (rng.standard_normal(s) * 0.3).astype(np.float32)
-         for n, s in expected_shapes(c).items()}
-    m = LlamaModel(c, w, dtype="bfloat16")
+    m, w = tiny_model(128, 160, seed=2, dtype="bfloat16")
     name = "model.layers.1.mlp.up_proj.weight"
     bits = m.stored_weight(name)
     floats = w[name]
