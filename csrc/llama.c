@@ -81,9 +81,16 @@ int pcs_llama_config_check(const PcsLlamaConfig *c, const char **what)
 
 /* Float counts of the state's buffers for B = max_batch tokens per chunk,
  * checked for overflow (the total in bytes too). */
-enum { N_STATE_BUFS = 11 };
+enum { N_STATE_BUFS = 9 };
 
-size_t pcs_llama_max_latent(const PcsLlamaConfig *c) { return 2 * c->n_kv_heads * c->head_dim + 2; }
+/* A latent is at most a basis's components plus the mean: min(rows, D) + 1
+ * for k and v apart (2 Dkv + 2 together), D + 1 for a basis shared by
+ * several layers. */
+size_t pcs_llama_max_latent(const PcsLlamaConfig *c)
+{
+    return max_sz(2 * c->n_kv_heads * c->head_dim + 2, c->dim + 1);
+}
+size_t pcs_llama_max_q_latent(const PcsLlamaConfig *c) { return c->dim + 1; }
 
 static int state_sizes(size_t n_floats[N_STATE_BUFS], size_t *total, const PcsLlamaConfig *c,
                        size_t B, const char **what)
@@ -100,16 +107,20 @@ static int state_sizes(size_t n_floats[N_STATE_BUFS], size_t *total, const PcsLl
               mul_ovf(B, F, &n_floats[5]) |                 /* hb2 */
               mul_ovf(S, half, &n_floats[6]) |              /* rope_cos */
               mul_ovf(S, half, &n_floats[7]) |              /* rope_sin */
-              mul_ovf(B, 2 * Dkv + 2, &n_floats[10]);       /* lat */
+              mul_ovf(max_sz(B, c->n_heads / c->n_kv_heads), pcs_llama_max_latent(c),
+                      &n_floats[8]);                        /* lat */
     if (ovf) {
         *what = "max_batch * the activation width";
         return PCS_ERR_TOO_LARGE;
     }
-    if (mul_ovf(c->n_layers, S, &cache) || mul_ovf(cache, Dkv, &cache)) {
+    /* the largest cache a layout can take (checked here so that every
+     * layout's sizes fit: a latent row is at most pcs_llama_max_latent) */
+    if (mul_ovf(c->n_layers, S, &cache) ||
+        mul_ovf(cache, max_sz(2 * Dkv, pcs_llama_max_latent(c)), &cache) ||
+        mul_ovf(cache, sizeof(float), &cache) || cache > (size_t)PTRDIFF_MAX / 2) {
         *what = "n_layers * seq_len * n_kv_heads * head_dim (the KV cache)";
         return PCS_ERR_TOO_LARGE;
     }
-    n_floats[8] = n_floats[9] = cache; /* k_cache, v_cache */
     size_t sum = 0;
     for (size_t i = 0; i < N_STATE_BUFS; i++) {
         if (__builtin_add_overflow(sum, n_floats[i], &sum)) {
@@ -145,8 +156,16 @@ int pcs_llama_state_init(PcsLlamaState *s, const PcsLlamaConfig *c, size_t max_b
     if (status)
         return status;
     float *block = calloc(total, sizeof(float));
-    if (!block)
+    const size_t L = c->n_layers;
+    s->k_cache = calloc(L, sizeof(float *));
+    s->v_cache = calloc(L, sizeof(float *));
+    s->l_cache = calloc(L, sizeof(float *));
+    s->l_width = calloc(L, sizeof(size_t));
+    if (!block || !s->k_cache || !s->v_cache || !s->l_cache || !s->l_width) {
+        free(block);
+        pcs_llama_state_free(s);
         return PCS_ERR_NOMEM;
+    }
     float *p = block;
     s->x = p;        p += n_floats[0];
     s->xb = p;       p += n_floats[1];
@@ -156,8 +175,6 @@ int pcs_llama_state_init(PcsLlamaState *s, const PcsLlamaConfig *c, size_t max_b
     s->hb2 = p;      p += n_floats[5];
     s->rope_cos = p; p += n_floats[6];
     s->rope_sin = p; p += n_floats[7];
-    s->k_cache = p;  p += n_floats[8];
-    s->v_cache = p;  p += n_floats[9];
     s->lat = p;
     s->block = block;
     s->max_batch = B;
@@ -196,11 +213,98 @@ int pcs_llama_state_bf16(PcsLlamaState *s, const PcsLlamaConfig *c)
 
 void pcs_llama_state_free(PcsLlamaState *s)
 {
+    free(s->cache_block);
+    free(s->k_cache);
+    free(s->v_cache);
+    free(s->l_cache);
+    free(s->l_width);
     free(s->wbuf);
     free(s->kq_cache);
     free(s->att2);
     free(s->block);
     memset(s, 0, sizeof(*s));
+}
+
+/* Latent width of a layer (floats per token of its latent rows). */
+static size_t latent_width(const PcsLlamaLayer *L)
+{
+    return (L->k_down ? L->k_rank : 0) + (L->v_down ? L->v_rank : 0);
+}
+
+size_t pcs_llama_cache_width(const PcsLlamaState *s, const PcsLlamaConfig *c, size_t l)
+{
+    const size_t Dkv = c->n_kv_heads * c->head_dim;
+    return (s->k_cache[l] ? Dkv : 0) + (s->v_cache[l] ? Dkv : 0) + s->l_width[l];
+}
+
+int pcs_llama_state_layout(PcsLlamaState *s, const PcsLlamaConfig *c, const PcsLlamaWeights *w,
+                           const char **what)
+{
+    const size_t L = c->n_layers, S = c->seq_len, Dkv = c->n_kv_heads * c->head_dim;
+    const size_t B = s->max_batch;
+    *what = NULL;
+    size_t cache = 0, lat_k = 0, lat_v = 0, lat_q = 0;
+    for (size_t l = 0; l < L; l++) {
+        const PcsLlamaLayer *Ly = &w->layers[l];
+        if ((Ly->k_up && (!Ly->k_down || Ly->k_rank == 0)) ||
+            (Ly->v_up && !Ly->v_down && !Ly->k_down) || (Ly->v_down && (!Ly->v_up || !Ly->v_rank)) ||
+            (Ly->k_down && !Ly->k_up) || latent_width(Ly) > pcs_llama_max_latent(c) ||
+            (Ly->q_up && (!Ly->q_down || Ly->q_rank == 0 || Ly->q_rank > pcs_llama_max_q_latent(c))))
+            return PCS_ERR_ARG;
+        /* sizes fit: state_sizes checked L * S * max(2 Dkv, max latent) floats */
+        cache += S * ((Ly->k_up ? 0 : Dkv) + (Ly->v_up ? 0 : Dkv) + latent_width(Ly));
+        lat_k |= Ly->k_up != NULL;
+        lat_v |= Ly->v_up != NULL;
+        lat_q |= Ly->q_up != NULL;
+    }
+    size_t kbuf = lat_k ? S * Dkv : 0, hatt = lat_v ? c->n_heads * S : 0, total;
+    size_t qlat = 0;
+    if ((lat_v && mul_ovf(c->n_heads, S, &hatt)) ||
+        (lat_q && mul_ovf(B, c->dim + 1, &qlat)) ||
+        __builtin_add_overflow(cache, kbuf, &total) || __builtin_add_overflow(total, hatt, &total) ||
+        __builtin_add_overflow(total, qlat, &total) || total > (size_t)PTRDIFF_MAX / sizeof(float)) {
+        *what = "the KV cache and latent buffers";
+        return PCS_ERR_TOO_LARGE;
+    }
+    float *block = calloc(total ? total : 1, sizeof(float));
+    if (!block)
+        return PCS_ERR_NOMEM;
+    free(s->cache_block);
+    s->cache_block = block;
+    float *p = block;
+    for (size_t l = 0; l < L; l++) {
+        const PcsLlamaLayer *Ly = &w->layers[l];
+        s->k_cache[l] = Ly->k_up ? NULL : p;
+        p += Ly->k_up ? 0 : S * Dkv;
+        s->v_cache[l] = Ly->v_up ? NULL : p;
+        p += Ly->v_up ? 0 : S * Dkv;
+        s->l_width[l] = latent_width(Ly);
+        s->l_cache[l] = s->l_width[l] ? p : NULL;
+        p += S * s->l_width[l];
+    }
+    s->cache_floats = cache;
+    s->kbuf = kbuf ? p : NULL;
+    p += kbuf;
+    s->hatt = hatt ? p : NULL;
+    p += hatt;
+    s->qlat = qlat ? p : NULL;
+    s->n_cached = 0;
+    return PCS_OK;
+}
+
+/* Does the state's cache layout match w's latents? */
+static int layout_matches(const PcsLlamaState *s, const PcsLlamaConfig *c, const PcsLlamaWeights *w)
+{
+    if (!s->cache_block)
+        return 0;
+    for (size_t l = 0; l < c->n_layers; l++) {
+        const PcsLlamaLayer *Ly = &w->layers[l];
+        if ((s->k_cache[l] == NULL) != (Ly->k_up != NULL) ||
+            (s->v_cache[l] == NULL) != (Ly->v_up != NULL) || s->l_width[l] != latent_width(Ly) ||
+            (Ly->k_up && !s->kbuf) || (Ly->v_up && !s->hatt) || (Ly->q_up && !s->qlat))
+            return 0;
+    }
+    return 1;
 }
 
 int pcs_llama_set_quant(PcsLlamaState *s, const PcsLlamaConfig *c, const PcsKvQuant *q)
@@ -355,25 +459,37 @@ static void calib_accumulate(PcsLlamaState *s, const float *xb, size_t T, size_t
             sm[j] += xb[t * D + j];
 }
 
-/* K and V rows (T, Dkv) from the layer's latent(s): lat = xb down^T, the
- * latent quantised as a cache would hold it, then K = lat up_k^T, V alike. */
-static void latent_kv_forward(float *kt, float *vt, PcsLlamaState *s, const PcsLlamaLayer *L,
-                              const float *xb, size_t T, size_t D, size_t Dkv)
+/* The layer's new latent rows: lc rows P..P+T-1 (row stride lw) = [xb
+ * k_down^T | xb v_down^T], each part rounded as a cache at latent_bits
+ * would hold it. */
+static void latent_append(float *lc, size_t lw, const PcsLlamaState *s, const PcsLlamaLayer *L,
+                          const float *xb, size_t T, size_t D)
 {
-    const size_t LW = 2 * Dkv + 2; /* row stride of s->lat */
     const PcsKvQuant *Qz = &s->quant;
-    float *lk = s->lat, *lv = s->lat + L->k_rank; /* (T, rk), (T, rv) */
-    matmul_f32(lk, LW, xb, D, L->k_down, T, D, L->k_rank, 0.0f);
-    if (Qz->latent_bits)
-        pcs_fake_quant_rows(lk, T, L->k_rank, LW, Qz->latent_bits, Qz->latent_group);
-    if (L->v_down) {
-        matmul_f32(lv, LW, xb, D, L->v_down, T, D, L->v_rank, 0.0f);
+    size_t off = 0;
+    const float *down[2] = {L->k_down, L->v_down};
+    const size_t rank[2] = {L->k_rank, L->v_rank};
+    for (int i = 0; i < 2; i++) {
+        if (!down[i])
+            continue;
+        matmul_f32(lc + off, lw, xb, D, down[i], T, D, rank[i], 0.0f);
         if (Qz->latent_bits)
-            pcs_fake_quant_rows(lv, T, L->v_rank, LW, Qz->latent_bits, Qz->latent_group);
-    } else
-        lv = lk;
-    matmul_f32(kt, Dkv, lk, LW, L->k_up, T, L->k_rank, Dkv, 0.0f);
-    matmul_f32(vt, Dkv, lv, LW, L->v_up, T, L->v_down ? L->v_rank : L->k_rank, Dkv, 0.0f);
+            pcs_fake_quant_rows(lc + off, T, rank[i], lw, Qz->latent_bits, Qz->latent_group);
+        off += rank[i];
+    }
+}
+
+/* Keys of positions 0..C-1 rebuilt from the cached latents: kbuf (C, Dkv)
+ * = lc[:, 0:rk] k_up^T (+ bk), rotated. One sgemm for the whole context:
+ * RoPE sits between k_up and the scores, so k_up cannot be absorbed into
+ * the query (Palu's reconstruction). */
+static void latent_keys(float *kbuf, const float *lc, size_t lw, const PcsLlamaState *s,
+                        const PcsLlamaLayer *L, size_t C, size_t KV, size_t hd)
+{
+    const size_t Dkv = KV * hd;
+    matmul_f32(kbuf, Dkv, lc, lw, L->k_up, C, L->k_rank, Dkv, 0.0f);
+    add_bias(kbuf, Dkv, L->bk, C, Dkv);
+    rope_forward(kbuf, s, C, 0, KV, hd);
 }
 
 /* Per-channel K (KIVI): a query at position p sees the keys of complete
@@ -428,66 +544,121 @@ static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig 
 
     for (size_t l = 0; l < c->n_layers; l++) {
         const PcsLlamaLayer *L = &w->layers[l];
-        float *kc = s->k_cache + l * S * Dkv; /* (S, Dkv) */
-        float *vc = s->v_cache + l * S * Dkv; /* (S, Dkv) */
+        float *kc = s->k_cache[l]; /* (S, Dkv) dense K, or NULL: K latent */
+        float *vc = s->v_cache[l]; /* (S, Dkv) dense V, or NULL: V latent */
+        float *lc = s->l_cache[l]; /* (S, lw) latent rows [c_K | c_V], or NULL */
+        const size_t lw = s->l_width[l];
+        /* V's latent: its columns of the latent rows and its width */
+        const size_t voff = L->v_down && L->k_down ? L->k_rank : 0;
+        const size_t rv = L->v_down ? L->v_rank : L->k_rank;
 
-        /* attention: q, k, v; K and V go straight into the cache rows P.. */
-        float *kt = kc + P * Dkv, *vt = vc + P * Dkv; /* (T, Dkv) */
+        /* attention: q, k, v; K and V (or their latents) go straight into
+         * the cache rows P.. */
         rmsnorm_forward(xb, x, L->attn_norm, T, D, c->rms_eps);
         if (s->calib_sigma)
             calib_accumulate(s, xb, T, D, l);
-        matmul_forward(q, Dq, xb, D, L->wq, T, D, Dq, 0.0f, s);
-        if (L->k_down)
-            latent_kv_forward(kt, vt, s, L, xb, T, D, Dkv);
-        else {
-            matmul_forward(kt, Dkv, xb, D, L->wk, T, D, Dkv, 0.0f, s);
-            matmul_forward(vt, Dkv, xb, D, L->wv, T, D, Dkv, 0.0f, s);
-        }
+        if (L->q_up) {
+            matmul_f32(s->qlat, L->q_rank, xb, D, L->q_down, T, D, L->q_rank, 0.0f);
+            matmul_f32(q, Dq, s->qlat, L->q_rank, L->q_up, T, L->q_rank, Dq, 0.0f);
+        } else
+            matmul_forward(q, Dq, xb, D, L->wq, T, D, Dq, 0.0f, s);
         add_bias(q, Dq, L->bq, T, Dq);
-        add_bias(kt, Dkv, L->bk, T, Dkv);
-        add_bias(vt, Dkv, L->bv, T, Dkv);
         rope_forward(q, s, T, P, H, hd);
-        rope_forward(kt, s, T, P, KV, hd);
-        if (Qz->v_bits)
-            pcs_fake_quant_rows(vt, T, Dkv, Dkv, Qz->v_bits, Qz->group);
-        if (Qz->k_bits && !Qz->k_per_channel)
-            pcs_fake_quant_rows(kt, T, Dkv, Dkv, Qz->k_bits, Qz->group);
-        float *kq = NULL; /* (S, Dkv) per-channel quantised K of complete groups */
-        if (Qz->k_bits && Qz->k_per_channel) {
-            const size_t G = Qz->group;
-            kq = s->kq_cache + l * S * Dkv;
-            for (size_t g0 = P / G * G; g0 + G <= C; g0 += G) { /* groups completed now */
-                memcpy(kq + g0 * Dkv, kc + g0 * Dkv, G * Dkv * sizeof(float));
-                pcs_fake_quant_cols(kq + g0 * Dkv, G, Dkv, Dkv, Qz->k_bits);
+        if (lc)
+            latent_append(lc + P * lw, lw, s, L, xb, T, D);
+        const float *keys; /* (C, Dkv): the dense cache, or rebuilt from the latents */
+        float *kq = NULL;  /* (S, Dkv) per-channel quantised K of complete groups */
+        if (kc) {
+            float *kt = kc + P * Dkv; /* (T, Dkv) */
+            matmul_forward(kt, Dkv, xb, D, L->wk, T, D, Dkv, 0.0f, s);
+            add_bias(kt, Dkv, L->bk, T, Dkv);
+            rope_forward(kt, s, T, P, KV, hd);
+            if (Qz->k_bits && !Qz->k_per_channel)
+                pcs_fake_quant_rows(kt, T, Dkv, Dkv, Qz->k_bits, Qz->group);
+            if (Qz->k_bits && Qz->k_per_channel) {
+                const size_t G = Qz->group;
+                kq = s->kq_cache + l * S * Dkv;
+                for (size_t g0 = P / G * G; g0 + G <= C; g0 += G) { /* groups completed now */
+                    memcpy(kq + g0 * Dkv, kc + g0 * Dkv, G * Dkv * sizeof(float));
+                    pcs_fake_quant_cols(kq + g0 * Dkv, G, Dkv, Dkv, Qz->k_bits);
+                }
             }
+            keys = kc;
+        } else {
+            latent_keys(s->kbuf, lc, lw, s, L, C, KV, hd);
+            keys = s->kbuf;
+        }
+        if (vc) {
+            float *vt = vc + P * Dkv; /* (T, Dkv) */
+            matmul_forward(vt, Dkv, xb, D, L->wv, T, D, Dkv, 0.0f, s);
+            add_bias(vt, Dkv, L->bv, T, Dkv);
+            if (Qz->v_bits)
+                pcs_fake_quant_rows(vt, T, Dkv, Dkv, Qz->v_bits, Qz->group);
         }
 
-        /* per query head h (key/value head h / G): att = q_h K^T * scale,
-         * causal softmax, out_h = att V; out_h lands in xb (T, Dq). */
-        for (size_t h = 0; h < H; h++) {
-            const float *qh = q + h * hd;           /* (T, hd), row stride Dq */
-            const float *kh = kc + (h / G) * hd;    /* (C, hd), row stride Dkv */
-            const float *vh = vc + (h / G) * hd;    /* (C, hd), row stride Dkv */
-            float *oh = xb + h * hd;                /* (T, hd), row stride Dq */
-            if (T == 1) {
-                pcs_cblas_sgemv(PcsRowMajor, PcsNoTrans, (pcs_blasint)C, (pcs_blasint)hd,
-                                scale, kh, (pcs_blasint)Dkv, qh, 1, 0.0f, att, 1);
-            } else {
-                pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsTrans, (pcs_blasint)T,
-                                (pcs_blasint)C, (pcs_blasint)hd, scale, qh, (pcs_blasint)Dq,
-                                kh, (pcs_blasint)Dkv, 0.0f, att, (pcs_blasint)C);
+        if (!vc && T == 1 && !kq) {
+            /* decode with a latent V: per key/value head g, its G query
+             * heads' scores (G, C) at once, then V's up-projection absorbed:
+             * u (G, rv) = att c_V[0..C), out (G, hd) = u v_up_g^T (+ bv_g),
+             * so the latent rows are read once per head group and v_up
+             * applied once per head, not once per position. */
+            for (size_t g = 0; g < KV; g++) {
+                float *ag = s->hatt + g * G * S; /* (G, C) row stride S */
+                pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsTrans, (pcs_blasint)G,
+                                (pcs_blasint)C, (pcs_blasint)hd, scale, q + g * G * hd,
+                                (pcs_blasint)hd, keys + g * hd, (pcs_blasint)Dkv, 0.0f, ag,
+                                (pcs_blasint)S);
+                for (size_t i = 0; i < G; i++)
+                    softmax_causal(ag + i * S, 1, C, P, c->sliding_window);
+                pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsNoTrans, (pcs_blasint)G,
+                                (pcs_blasint)rv, (pcs_blasint)C, 1.0f, ag, (pcs_blasint)S,
+                                lc + voff, (pcs_blasint)lw, 0.0f, s->lat, (pcs_blasint)rv);
+                float *og = xb + g * G * hd; /* (G, hd) */
+                pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsTrans, (pcs_blasint)G,
+                                (pcs_blasint)hd, (pcs_blasint)rv, 1.0f, s->lat, (pcs_blasint)rv,
+                                L->v_up + g * hd * rv, (pcs_blasint)rv, 0.0f, og, (pcs_blasint)hd);
+                add_bias(og, hd, L->bv ? L->bv + g * hd : NULL, G, hd);
             }
-            if (kq)
-                closed_groups_scores(att, s->att2, qh, kq + (h / G) * hd, T, P, C, hd, Dq,
-                                     Dkv, scale, Qz->group);
-            softmax_causal(att, T, C, P, c->sliding_window);
-            if (T == 1) {
-                pcs_cblas_sgemv(PcsRowMajor, PcsTrans, (pcs_blasint)C, (pcs_blasint)hd, 1.0f,
-                                vh, (pcs_blasint)Dkv, att, 1, 0.0f, oh, 1);
-            } else {
-                pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsNoTrans, (pcs_blasint)T,
-                                (pcs_blasint)hd, (pcs_blasint)C, 1.0f, att, (pcs_blasint)C, vh,
-                                (pcs_blasint)Dkv, 0.0f, oh, (pcs_blasint)Dq);
+        } else {
+            /* per query head h (key/value head h / G): att = q_h K^T * scale,
+             * causal softmax, out_h = att V (or, V latent, (att c_V) v_up_g^T
+             * + bv_g); out_h lands in xb (T, Dq). */
+            for (size_t h = 0; h < H; h++) {
+                const size_t g = h / G;
+                const float *qh = q + h * hd;        /* (T, hd), row stride Dq */
+                const float *kh = keys + g * hd;     /* (C, hd), row stride Dkv */
+                float *oh = xb + h * hd;             /* (T, hd), row stride Dq */
+                if (T == 1) {
+                    pcs_cblas_sgemv(PcsRowMajor, PcsNoTrans, (pcs_blasint)C, (pcs_blasint)hd,
+                                    scale, kh, (pcs_blasint)Dkv, qh, 1, 0.0f, att, 1);
+                } else {
+                    pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsTrans, (pcs_blasint)T,
+                                    (pcs_blasint)C, (pcs_blasint)hd, scale, qh, (pcs_blasint)Dq,
+                                    kh, (pcs_blasint)Dkv, 0.0f, att, (pcs_blasint)C);
+                }
+                if (kq)
+                    closed_groups_scores(att, s->att2, qh, kq + g * hd, T, P, C, hd, Dq, Dkv,
+                                         scale, Qz->group);
+                softmax_causal(att, T, C, P, c->sliding_window);
+                if (vc) {
+                    const float *vh = vc + g * hd; /* (C, hd), row stride Dkv */
+                    if (T == 1) {
+                        pcs_cblas_sgemv(PcsRowMajor, PcsTrans, (pcs_blasint)C, (pcs_blasint)hd,
+                                        1.0f, vh, (pcs_blasint)Dkv, att, 1, 0.0f, oh, 1);
+                    } else {
+                        pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsNoTrans, (pcs_blasint)T,
+                                        (pcs_blasint)hd, (pcs_blasint)C, 1.0f, att,
+                                        (pcs_blasint)C, vh, (pcs_blasint)Dkv, 0.0f, oh,
+                                        (pcs_blasint)Dq);
+                    }
+                } else {
+                    /* u (T, rv) = att c_V; out_h = u v_up_g^T (T, hd) */
+                    pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsNoTrans, (pcs_blasint)T,
+                                    (pcs_blasint)rv, (pcs_blasint)C, 1.0f, att, (pcs_blasint)C,
+                                    lc + voff, (pcs_blasint)lw, 0.0f, s->lat, (pcs_blasint)rv);
+                    matmul_f32(oh, Dq, s->lat, rv, L->v_up + g * hd * rv, T, rv, hd, 0.0f);
+                    add_bias(oh, Dq, L->bv ? L->bv + g * hd : NULL, T, hd);
+                }
             }
         }
         /* x += out @ Wo^T (+ bo) */
@@ -534,6 +705,8 @@ int pcs_llama_forward(float *logits, PcsLlamaState *s, const PcsLlamaConfig *c,
     for (size_t t = 0; t < T; t++)
         if (tokens[t] < 0 || (size_t)tokens[t] >= c->vocab_size)
             return PCS_ERR_ARG;
+    if (!layout_matches(s, c, w)) /* the cache must be laid out for these latents */
+        return PCS_ERR_ARG;
     const size_t B = s->max_batch, V = c->vocab_size;
     for (size_t t0 = 0; t0 < T; t0 += B) {
         size_t n = T - t0 < B ? T - t0 : B;

@@ -607,11 +607,12 @@ typedef struct {
     PyObject *arrays; /* list: tok_emb, final_norm, lm_head, then 13 per layer
                          (the 9 weights, then bq, bk, bv, bo or None) */
     PyObject *names;  /* list of str, same order */
-    PyObject *latents; /* list (L): None, or the arrays of the layer's latent K/V */
+    PyObject *latents; /* list (L) of lists: the arrays of the layer's factors, or None
+                          (k_down, k_up, v_down, v_up, q_down, q_up) */
     int busy;         /* a kernel runs with the GIL released */
 } LlamaRuntime;
 
-enum { RT_GLOBAL = 3, RT_PER_LAYER = 13, RT_FIRST_BIAS = 9 };
+enum { RT_GLOBAL = 3, RT_PER_LAYER = 13, RT_FIRST_BIAS = 9, RT_LATENT_SLOTS = 6 };
 
 /* Expected shape of array `idx` (see the order above). */
 static void runtime_shape(const PcsLlamaConfig *c, Py_ssize_t idx, npy_intp dims[2], int *nd)
@@ -905,14 +906,34 @@ static int runtime_init(LlamaRuntime *self, PyObject *args, PyObject *kwargs)
             PyErr_Format(PyExc_ValueError, "LlamaRuntime: %s", pcs_status_str(status));
         goto fail;
     }
+    status = pcs_llama_state_layout(&st, &c, &w, &too_large);
+    if (status) {
+        pcs_llama_state_free(&st);
+        if (status == PCS_ERR_NOMEM)
+            PyErr_Format(PyExc_MemoryError, "cannot allocate the KV cache for seq_len=%zu",
+                         c.seq_len);
+        else
+            PyErr_Format(PyExc_ValueError, "config is too large: %s does not fit",
+                         too_large ? too_large : "the KV cache");
+        goto fail;
+    }
     PyObject *latents = PyList_New((Py_ssize_t)c.n_layers);
     if (!latents) {
         pcs_llama_state_free(&st);
         goto fail;
     }
     for (size_t l = 0; l < c.n_layers; l++) {
-        Py_INCREF(Py_None);
-        PyList_SET_ITEM(latents, (Py_ssize_t)l, Py_None);
+        PyObject *slots = PyList_New(RT_LATENT_SLOTS);
+        if (!slots) {
+            Py_DECREF(latents);
+            pcs_llama_state_free(&st);
+            goto fail;
+        }
+        for (Py_ssize_t i = 0; i < RT_LATENT_SLOTS; i++) {
+            Py_INCREF(Py_None);
+            PyList_SET_ITEM(slots, i, Py_None);
+        }
+        PyList_SET_ITEM(latents, (Py_ssize_t)l, slots);
     }
     /* commit */
     c.rope_inv_freq = NULL; /* read by state_init only; cfg's array is not kept */
@@ -1116,15 +1137,77 @@ static PyArrayObject *f32_matrix(PyObject *obj, const char *name, size_t rows, s
     return a;
 }
 
+/* Point layer's factors at the arrays in `arr` (RT_LATENT_SLOTS, each
+ * NULL or a float32 matrix already checked), lay the cache out for them and
+ * keep references; on failure the layer and the cache stay as they were
+ * (returns -1 with an exception). The cache is cleared. */
+static int runtime_commit_factors(LlamaRuntime *self, Py_ssize_t layer, PyArrayObject **arr,
+                                  const size_t *rank)
+{
+    PcsLlamaLayer *L = &self->w.layers[layer];
+    const PcsLlamaLayer old = *L;
+#define PTR(i) (arr[i] ? (const float *)PyArray_DATA(arr[i]) : NULL)
+    L->k_down = PTR(0); L->k_up = PTR(1); L->v_down = PTR(2); L->v_up = PTR(3);
+    L->q_down = PTR(4); L->q_up = PTR(5);
+#undef PTR
+    L->k_rank = rank[0];
+    L->v_rank = rank[1];
+    L->q_rank = rank[2];
+    const char *what = NULL;
+    int status = pcs_llama_state_layout(&self->st, &self->cfg, &self->w, &what);
+    if (status) {
+        *L = old;
+        if (status == PCS_ERR_NOMEM)
+            PyErr_NoMemory();
+        else if (status == PCS_ERR_TOO_LARGE)
+            PyErr_Format(PyExc_ValueError, "%s does not fit", what ? what : "the cache");
+        else
+            PyErr_SetString(PyExc_ValueError, "these factors do not make a valid latent layer");
+        return -1;
+    }
+    PyObject *slots = PyList_GET_ITEM(self->latents, layer);
+    for (Py_ssize_t i = 0; i < RT_LATENT_SLOTS; i++) {
+        PyObject *o = arr[i] ? (PyObject *)arr[i] : Py_None;
+        Py_INCREF(o);
+        PyList_SetItem(slots, i, o); /* steals o, drops the old */
+    }
+    return 0;
+}
+
+/* obj None (NULL in *out) or a finite float32 matrix of (rows, cols) (0: any, the
+ * actual one in *got). -1 with an exception. */
+static int opt_matrix(PyObject *obj, const char *name, size_t rows, size_t cols, size_t *got_rows,
+                      size_t *got_cols, PyArrayObject **out)
+{
+    *out = NULL;
+    if (obj == Py_None)
+        return 0;
+    *out = f32_matrix(obj, name, rows, cols, got_rows, got_cols);
+    return *out ? 0 : -1;
+}
+
+static int layer_arg(const LlamaRuntime *self, Py_ssize_t layer)
+{
+    if (layer < 0 || (size_t)layer >= self->cfg.n_layers) {
+        PyErr_Format(PyExc_IndexError, "layer must be between 0 and %zu, got %zd",
+                     self->cfg.n_layers - 1, layer);
+        return -1;
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(runtime_set_latent_doc,
 "set_latent($self, layer, k_down, k_up, v_down=None, v_up=None, /)\n"
 "--\n"
 "\n"
-"Compute layer's K and V from latents instead of wk, wv: K = k_up (k_down x)\n"
-"with k_down (rk, D), k_up (Dkv, rk); V = v_up (v_down x), or, with v_down\n"
-"None, v_up (Dkv, rk) applied to K's latent (one shared latent). rk + rv is\n"
-"at most 2 Dkv + 2. k_down None (and the rest None) restores wk, wv. The\n"
-"runtime keeps float32 copies; the KV cache is not cleared.");
+"Run layer's K and V from latents and cache the latents instead of K and V:\n"
+"K = k_up (k_down x), k_down (rk, D), k_up (Dkv, rk); V = v_up (v_down x),\n"
+"v_down (rv, D), v_up (Dkv, rv), or, with v_down None, v_up (Dkv, rk)\n"
+"applied to K's latent (one shared latent). k_down and k_up None: K stays\n"
+"dense (wk); v_up None: V stays dense (wv). All None: the layer's dense K\n"
+"and V. rk + rv is at most max(2 Dkv + 2, D + 1). The cache is laid out\n"
+"again (and cleared); the runtime keeps the arrays (float32 copies where\n"
+"needed).");
 
 static PyObject *runtime_set_latent(LlamaRuntime *self, PyObject *args)
 {
@@ -1132,74 +1215,164 @@ static PyObject *runtime_set_latent(LlamaRuntime *self, PyObject *args)
     PyObject *kd_obj, *ku_obj, *vd_obj = Py_None, *vu_obj = Py_None;
     if (!PyArg_ParseTuple(args, "nOO|OO:set_latent", &layer, &kd_obj, &ku_obj, &vd_obj, &vu_obj))
         return NULL;
-    if (runtime_ready(self) < 0)
+    if (runtime_ready(self) < 0 || layer_arg(self, layer) < 0)
         return NULL;
     const PcsLlamaConfig *c = &self->cfg;
-    if (layer < 0 || (size_t)layer >= c->n_layers) {
-        PyErr_Format(PyExc_IndexError, "layer must be between 0 and %zu, got %zd",
-                     c->n_layers - 1, layer);
+    if ((kd_obj == Py_None) != (ku_obj == Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "k_down and k_up go together: give both or neither");
         return NULL;
     }
-    PcsLlamaLayer *L = &self->w.layers[layer];
-    if (kd_obj == Py_None) {
-        if (ku_obj != Py_None || vd_obj != Py_None || vu_obj != Py_None) {
-            PyErr_SetString(PyExc_ValueError, "k_down is None: k_up, v_down and v_up must be None too");
-            return NULL;
-        }
-        L->k_down = L->k_up = L->v_down = L->v_up = NULL;
-        L->k_rank = L->v_rank = 0;
-        Py_INCREF(Py_None);
-        PyList_SetItem(self->latents, layer, Py_None);
-        Py_RETURN_NONE;
+    if (vd_obj != Py_None && vu_obj == Py_None) {
+        PyErr_SetString(PyExc_ValueError, "v_down needs v_up");
+        return NULL;
     }
-    if (vu_obj == Py_None) {
-        PyErr_SetString(PyExc_ValueError, "v_up is needed with k_down");
+    if (vu_obj != Py_None && vd_obj == Py_None && kd_obj == Py_None) {
+        PyErr_SetString(PyExc_ValueError,
+                        "v_up without v_down reads K's latent: k_down and k_up are needed");
         return NULL;
     }
     const size_t D = c->dim, Dkv = c->n_kv_heads * c->head_dim;
-    size_t rk = 0, rv = 0;
-    PyArrayObject *kd = NULL, *ku = NULL, *vd = NULL, *vu = NULL;
-    PyObject *keep = NULL;
-    kd = f32_matrix(kd_obj, "k_down", 0, D, &rk, NULL);
-    if (!kd)
-        goto fail;
-    ku = f32_matrix(ku_obj, "k_up", Dkv, rk, NULL, NULL);
-    if (!ku)
-        goto fail;
-    if (vd_obj != Py_None) {
-        vd = f32_matrix(vd_obj, "v_down", 0, D, &rv, NULL);
-        if (!vd)
-            goto fail;
+    size_t rank[3] = {0, 0, 0};
+    PyArrayObject *arr[RT_LATENT_SLOTS] = {NULL};
+    PyObject *slots = PyList_GET_ITEM(self->latents, layer); /* Q's factors stay */
+    for (int i = 4; i < RT_LATENT_SLOTS; i++) {
+        PyObject *o = PyList_GET_ITEM(slots, i);
+        arr[i] = o == Py_None ? NULL : (PyArrayObject *)o;
+        Py_XINCREF(arr[i]);
     }
-    vu = f32_matrix(vu_obj, "v_up", Dkv, vd ? rv : rk, NULL, NULL);
-    if (!vu)
-        goto fail;
-    if (rk + rv > pcs_llama_max_latent(c)) {
-        PyErr_Format(PyExc_ValueError, "latent ranks %zu + %zu exceed 2 * Dkv + 2 = %zu", rk, rv,
-                     pcs_llama_max_latent(c));
-        goto fail;
+    rank[2] = self->w.layers[layer].q_rank;
+    PyObject *result = NULL;
+    if (opt_matrix(kd_obj, "k_down", 0, D, &rank[0], NULL, &arr[0]) < 0 ||
+        opt_matrix(ku_obj, "k_up", Dkv, rank[0], NULL, NULL, &arr[1]) < 0 ||
+        opt_matrix(vd_obj, "v_down", 0, D, &rank[1], NULL, &arr[2]) < 0 ||
+        opt_matrix(vu_obj, "v_up", Dkv, arr[2] ? rank[1] : rank[0], NULL, NULL, &arr[3]) < 0)
+        goto done;
+    if (rank[0] + rank[1] > pcs_llama_max_latent(c)) {
+        PyErr_Format(PyExc_ValueError,
+                     "latent ranks %zu + %zu exceed max(2 * Dkv + 2, hidden_size + 1) = %zu",
+                     rank[0], rank[1], pcs_llama_max_latent(c));
+        goto done;
     }
-    keep = Py_BuildValue("(OOOO)", kd, ku, vd ? (PyObject *)vd : Py_None, vu);
-    if (!keep)
-        goto fail;
-    L->k_down = (const float *)PyArray_DATA(kd);
-    L->k_up = (const float *)PyArray_DATA(ku);
-    L->v_down = vd ? (const float *)PyArray_DATA(vd) : NULL;
-    L->v_up = (const float *)PyArray_DATA(vu);
-    L->k_rank = rk;
-    L->v_rank = rv;
-    PyList_SetItem(self->latents, layer, keep); /* steals keep */
-    Py_DECREF(kd);
-    Py_DECREF(ku);
-    Py_XDECREF(vd);
-    Py_DECREF(vu);
+    if (runtime_commit_factors(self, layer, arr, rank) == 0)
+        result = Py_NewRef(Py_None);
+done:
+    for (int i = 0; i < RT_LATENT_SLOTS; i++)
+        Py_XDECREF(arr[i]);
+    return result;
+}
+
+PyDoc_STRVAR(runtime_set_factored_q_doc,
+"set_factored_q($self, layer, q_down, q_up, /)\n"
+"--\n"
+"\n"
+"Compute layer's q from factors: q = q_up (q_down x), q_down (rq, D),\n"
+"q_up (Dq, rq), rq <= D + 1. Both None: wq again. The cache is cleared.");
+
+static PyObject *runtime_set_factored_q(LlamaRuntime *self, PyObject *args)
+{
+    Py_ssize_t layer;
+    PyObject *qd_obj, *qu_obj;
+    if (!PyArg_ParseTuple(args, "nOO:set_factored_q", &layer, &qd_obj, &qu_obj))
+        return NULL;
+    if (runtime_ready(self) < 0 || layer_arg(self, layer) < 0)
+        return NULL;
+    const PcsLlamaConfig *c = &self->cfg;
+    if ((qd_obj == Py_None) != (qu_obj == Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "q_down and q_up go together: give both or neither");
+        return NULL;
+    }
+    PcsLlamaLayer *L = &self->w.layers[layer];
+    size_t rank[3] = {L->k_rank, L->v_rank, 0};
+    PyArrayObject *arr[RT_LATENT_SLOTS] = {NULL};
+    PyObject *slots = PyList_GET_ITEM(self->latents, layer); /* K's and V's stay */
+    for (int i = 0; i < 4; i++) {
+        PyObject *o = PyList_GET_ITEM(slots, i);
+        arr[i] = o == Py_None ? NULL : (PyArrayObject *)o;
+        Py_XINCREF(arr[i]);
+    }
+    PyObject *result = NULL;
+    if (opt_matrix(qd_obj, "q_down", 0, c->dim, &rank[2], NULL, &arr[4]) < 0 ||
+        opt_matrix(qu_obj, "q_up", c->n_heads * c->head_dim, rank[2], NULL, NULL, &arr[5]) < 0)
+        goto done;
+    if (rank[2] > pcs_llama_max_q_latent(c)) {
+        PyErr_Format(PyExc_ValueError, "q rank %zu exceeds hidden_size + 1 = %zu", rank[2],
+                     pcs_llama_max_q_latent(c));
+        goto done;
+    }
+    if (runtime_commit_factors(self, layer, arr, rank) == 0)
+        result = Py_NewRef(Py_None);
+done:
+    for (int i = 0; i < RT_LATENT_SLOTS; i++)
+        Py_XDECREF(arr[i]);
+    return result;
+}
+
+PyDoc_STRVAR(runtime_cache_widths_doc,
+"cache_widths($self, /)\n"
+"--\n"
+"\n"
+"Floats per token that each layer's cache holds (a list of L ints): 2 Dkv\n"
+"for dense K and V, the latent width for a latent layer, or a mix. The\n"
+"cache is allocated for seq_len tokens: bytes = width * seq_len * 4.");
+
+static PyObject *runtime_cache_widths(LlamaRuntime *self, PyObject *unused)
+{
+    if (runtime_ready(self) < 0)
+        return NULL;
+    PyObject *out = PyList_New((Py_ssize_t)self->cfg.n_layers);
+    for (size_t l = 0; out && l < self->cfg.n_layers; l++) {
+        PyObject *v = PyLong_FromSize_t(pcs_llama_cache_width(&self->st, &self->cfg, l));
+        if (!v) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyList_SET_ITEM(out, (Py_ssize_t)l, v);
+    }
+    return out;
+}
+
+static PyObject *runtime_factors(LlamaRuntime *self, PyObject *args)
+{
+    Py_ssize_t layer;
+    if (!PyArg_ParseTuple(args, "n:factors", &layer))
+        return NULL;
+    if (runtime_ready(self) < 0 || layer_arg(self, layer) < 0)
+        return NULL;
+    return PyList_AsTuple(PyList_GET_ITEM(self->latents, layer));
+}
+
+PyDoc_STRVAR(runtime_fill_cache_doc,
+"fill_cache($self, n, /)\n"
+"--\n"
+"\n"
+"Treat positions 0..n-1 as cached, zeroing their rows (so that their pages\n"
+"are resident): a decode step can then be timed at context n without\n"
+"prefilling it (its cost does not depend on the cached values).");
+
+static PyObject *runtime_fill_cache(LlamaRuntime *self, PyObject *args)
+{
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "n:fill_cache", &n))
+        return NULL;
+    if (runtime_ready(self) < 0)
+        return NULL;
+    const PcsLlamaConfig *c = &self->cfg;
+    if (n < 0 || (size_t)n > c->seq_len) {
+        PyErr_Format(PyExc_ValueError, "n must be between 0 and seq_len=%zu, got %zd", c->seq_len, n);
+        return NULL;
+    }
+    const size_t Dkv = c->n_kv_heads * c->head_dim;
+    PcsLlamaState *st = &self->st;
+    for (size_t l = 0; l < c->n_layers; l++) {
+        if (st->k_cache[l])
+            memset(st->k_cache[l], 0, (size_t)n * Dkv * sizeof(float));
+        if (st->v_cache[l])
+            memset(st->v_cache[l], 0, (size_t)n * Dkv * sizeof(float));
+        if (st->l_cache[l])
+            memset(st->l_cache[l], 0, (size_t)n * st->l_width[l] * sizeof(float));
+    }
+    st->n_cached = (size_t)n;
     Py_RETURN_NONE;
-fail:
-    Py_XDECREF(kd);
-    Py_XDECREF(ku);
-    Py_XDECREF(vd);
-    Py_XDECREF(vu);
-    return NULL;
 }
 
 PyDoc_STRVAR(runtime_set_quant_doc,
@@ -1391,6 +1564,13 @@ static PyMethodDef runtime_methods[] = {
      runtime_forward_doc},
     {"set_weight", (PyCFunction)runtime_set_weight, METH_VARARGS, runtime_set_weight_doc},
     {"set_latent", (PyCFunction)runtime_set_latent, METH_VARARGS, runtime_set_latent_doc},
+    {"set_factored_q", (PyCFunction)runtime_set_factored_q, METH_VARARGS,
+     runtime_set_factored_q_doc},
+    {"cache_widths", (PyCFunction)runtime_cache_widths, METH_NOARGS, runtime_cache_widths_doc},
+    {"fill_cache", (PyCFunction)runtime_fill_cache, METH_VARARGS, runtime_fill_cache_doc},
+    {"factors", (PyCFunction)runtime_factors, METH_VARARGS,
+     "factors($self, layer, /)\n--\n\nThe layer's factor arrays or None: (k_down, k_up, "
+     "v_down, v_up, q_down, q_up)."},
     {"set_quant", (PyCFunction)(void (*)(void))runtime_set_quant, METH_VARARGS | METH_KEYWORDS,
      runtime_set_quant_doc},
     {"calibrate", (PyCFunction)runtime_calibrate, METH_VARARGS, runtime_calibrate_doc},

@@ -125,13 +125,20 @@ typedef struct {
     PcsMat w_gate;          /* (F, D) */
     PcsMat w_up;            /* (F, D) */
     PcsMat w_down;          /* (D, F) */
-    /* Optional latent K/V (k_down NULL: K = wk x and V = wv x). With k_down
-     * set, K = k_up (k_down x): k_down (rk, D), k_up (Dkv, rk); V likewise
-     * from v_down (rv, D) and v_up (Dkv, rv), or, when v_down is NULL, from
-     * K's latent: v_up (Dkv, rk), one latent shared by K and V. The latent
-     * is what a latent cache holds (quantised when PcsKvQuant.latent_bits). */
+    /* Optional latent K/V (the cache then holds latents, not K and V).
+     * K latent when k_up is set: K = k_up c_K, c_K = k_down x, k_down
+     * (rk, D), k_up (Dkv, rk). V latent when v_up is set: V = v_up c_V with
+     * c_V = v_down x, v_down (rv, D), v_up (Dkv, rv); or, when v_down is
+     * NULL, c_V = c_K (one latent shared by K and V, v_up (Dkv, rk)). A
+     * projection without its latent (k_up or v_up NULL) uses wk / wv and a
+     * dense cache. The layer's latent cache row is [c_K | c_V] (c_K alone
+     * when shared), rounded when PcsKvQuant.latent_bits. */
     const float *k_down, *k_up, *v_down, *v_up;
     size_t k_rank, v_rank;
+    /* Optional factored Q (q_up NULL: q = wq x): q = q_up (q_down x),
+     * q_down (rq, D), q_up (Dq, rq). */
+    const float *q_down, *q_up;
+    size_t q_rank;
     /* Optional biases (NULL: none): bq (Dq), bk, bv (Dkv) as Qwen2 and
      * Llama's attention_bias have, bo (D) Llama's only. bk and bv are added
      * after the projection, latent or not: a bias is not part of W's rows
@@ -171,9 +178,17 @@ typedef struct {
     float *hb, *hb2;   /* (B, F) MLP gate / up */
     float *rope_cos;   /* (S, hd/2) */
     float *rope_sin;   /* (S, hd/2) */
-    float *k_cache;    /* (L, S, Dkv) */
-    float *v_cache;    /* (L, S, Dkv) */
-    float *lat;        /* (B, 2 Dkv + 2) latents of latent K/V layers */
+    float *lat;        /* (max(B, H/KV), max latent) attention-weighted latents (absorbed V) */
+    /* The cache, laid out for the weights' latents (pcs_llama_state_layout):
+     * per layer a dense K (S, Dkv) and V (S, Dkv), or NULL where the layer's
+     * K or V is latent, and the latent rows (S, l_width[l]) or NULL. */
+    float **k_cache, **v_cache, **l_cache;
+    size_t *l_width;
+    size_t cache_floats;  /* floats of every layer's cache together */
+    float *kbuf;       /* (S, Dkv) keys rebuilt from latents (a latent K layer) */
+    float *hatt;       /* (H, S) decode: every head's attention weights (a latent V layer) */
+    float *qlat;       /* (B, D + 1) latent of a factored Q */
+    void *cache_block;
     PcsKvQuant quant;
     float *kq_cache;   /* (L, S, Dkv) K of complete token groups, quantised */
     float *att2;       /* (B, S) scores against kq_cache */
@@ -206,6 +221,17 @@ int pcs_llama_forward(float *logits, PcsLlamaState *s, const PcsLlamaConfig *c,
                       const PcsLlamaWeights *w, const int *tokens, size_t T, size_t P,
                       int all_logits);
 
+/* (Re)allocate the cache for w's latents: dense K and V where a layer has
+ * none, latent rows where it has them (and the key, attention and Q-latent
+ * scratch they need). Clears the cache (n_cached = 0). PCS_ERR_ARG for
+ * latent ranks out of range or a V latent shared with a K that has none;
+ * PCS_ERR_TOO_LARGE (with *what); PCS_ERR_NOMEM. On error the state is
+ * unchanged. */
+int pcs_llama_state_layout(PcsLlamaState *s, const PcsLlamaConfig *c, const PcsLlamaWeights *w,
+                           const char **what);
+/* Floats per token of layer l's cache: 2 Dkv dense, the latent width, or a mix. */
+size_t pcs_llama_cache_width(const PcsLlamaState *s, const PcsLlamaConfig *c, size_t l);
+
 /* Allocate the state's bf16 widening buffer (once; PCS_ERR_NOMEM). Needed
  * before a forward pass over any bf16 weight. */
 int pcs_llama_state_bf16(PcsLlamaState *s, const PcsLlamaConfig *c);
@@ -214,8 +240,10 @@ int pcs_llama_state_bf16(PcsLlamaState *s, const PcsLlamaConfig *c);
  * (frees them otherwise). PCS_ERR_ARG for bits outside 0..8 or a zero group
  * with bits set; PCS_ERR_NOMEM. The cache is not cleared. */
 int pcs_llama_set_quant(PcsLlamaState *s, const PcsLlamaConfig *c, const PcsKvQuant *q);
-/* Width of the state's latent buffer: the largest k_rank + v_rank allowed. */
+/* The largest k_rank + v_rank allowed, max(2 Dkv + 2, D + 1) (the width of `lat`). */
 size_t pcs_llama_max_latent(const PcsLlamaConfig *c);
+/* The largest q_rank allowed: D + 1. */
+size_t pcs_llama_max_q_latent(const PcsLlamaConfig *c);
 
 /* ---- simulated quantisation (quant.c): in place, x <- dequant(quant(x)) */
 float pcs_round_f16(float x);

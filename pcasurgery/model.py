@@ -274,15 +274,53 @@ class LlamaModel:
 
     def set_latent(self, layer: int, k_down: Any, k_up: Any, v_down: Any = None,
                    v_up: Any = None) -> None:
-        """Compute layer's K and V from a latent instead of k_proj, v_proj:
-        K = k_up @ (k_down @ h), k_down (rk, D), k_up (kv_dim, rk); V from
-        its own latent (v_down, v_up) or, with v_down None, from K's (one
-        shared latent, v_up (kv_dim, rk)). k_down None restores k_proj,
-        v_proj. The latent is what a latent cache would hold: see
-        :meth:`set_kv_quant`'s latent_bits."""
+        """Run layer's K and V from latents, and cache the latents instead
+        of K and V (the latent path): K = k_up @ (k_down @ h), k_down (rk, D),
+        k_up (kv_dim, rk); V from its own latent (v_down (rv, D), v_up
+        (kv_dim, rv)) or, with v_down None, from K's (one shared latent, v_up
+        (kv_dim, rk)). k_down and k_up None leave K dense (k_proj), v_up None
+        leaves V dense; all None restore the layer's dense K and V. Keys are
+        rebuilt from the cached latents at every step (RoPE sits between
+        k_up and the scores) and V's up-projection is applied after the
+        attention weights. The cache is laid out again for the new widths
+        (:meth:`kv_cache_bytes`) and cleared. See :meth:`set_kv_quant`'s
+        latent_bits for a quantised latent."""
         with self.lock:
             self._rt.set_latent(layer, k_down, k_up, v_down, v_up)
             self._rt.reset()
+
+    def set_factored_q(self, layer: int, q_down: Any, q_up: Any) -> None:
+        """Compute layer's queries from factors, q = q_up @ (q_down @ h):
+        q_down (rq, D), q_up (num_heads * head_dim, rq), rq <= D + 1. Both
+        None: q_proj again."""
+        with self.lock:
+            self._rt.set_factored_q(layer, q_down, q_up)
+            self._rt.reset()
+
+    def kv_cache_bytes(self, per_layer: bool = False) -> int | list[int]:
+        """Bytes the KV cache really has allocated (float32, for n_ctx
+        tokens): in total, or per layer. A dense layer holds K and V (2 x
+        kv_dim floats per token), a latent one its latent's width."""
+        with self.lock:
+            widths = self._rt.cache_widths()
+        b = [int(w) * self.n_ctx * 4 for w in widths]
+        return b if per_layer else sum(b)
+
+    def latent_layers(self) -> list[str]:
+        """Per layer: "dense", or which of K, V and Q run from factors,
+        e.g. "k|v shared", "k,v", "k", "q,k|v shared"."""
+        out = []
+        for layer in range(self.config.num_hidden_layers):
+            kd, ku, vd, vu, qd, qu = self._rt.factors(layer)
+            parts = []
+            if qu is not None:
+                parts.append("q")
+            if vu is not None and vd is None:
+                parts.append("k|v shared")
+            else:
+                parts += [p for p, a in (("k", ku), ("v", vu)) if a is not None]
+            out.append(",".join(parts) or "dense")
+        return out
 
     def set_kv_quant(self, k_bits: int = 0, v_bits: int = 0, group: int = 32,
                      k_per_channel: bool = False, latent_bits: int = 0,

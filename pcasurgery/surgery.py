@@ -38,6 +38,12 @@ def proj_name(layer: int, p: str) -> str:
     return f"model.layers.{layer}.self_attn.{p}_proj.weight"
 
 
+def _layer_proj(name: str) -> tuple[int, str]:
+    """(layer, "q"|"k"|"v") of a proj_name."""
+    parts = name.split(".")
+    return int(parts[2]), parts[4][0]
+
+
 @dataclass
 class Group:
     """Matrices that share one PCA basis."""
@@ -109,6 +115,8 @@ class Setting:
     ks: dict[str, int]                       # group label -> components kept
     seconds: float = 0.0
     budget: dict[str, float] = field(default_factory=dict)
+    factored: bool = False                   # run from factors (latent cache) or rebuilt dense
+    kv_cache_bytes: int | None = None        # allocated by the model, when factored
 
 
 class Surgery:
@@ -146,6 +154,8 @@ class Surgery:
         self.center = True if mode == "seed" else bool(center)  # sklearn PCA centers
         self.groups = plan(model.config, mode, proj, layers_per_group)
         self.fit_count = 0
+        self._pending: dict | None = None   # factors recorded while a factored setting applies
+        self._factored_layers: set[int] = set()
         self._originals = {n: model.stored_weight(n) for g in self.groups for n in g.names}
         self._fits = {} if fits is None else fits  # (names, center, keep) -> (pca, scores)
         self.fit_seconds = 0.0
@@ -238,32 +248,109 @@ class Surgery:
                              f"{pca.n_components_}; fit with a larger keep")
         return k
 
-    def apply(self, var: float | None = None, rank: int | None = None) -> Setting:
-        """Replace every planned matrix by its reconstruction (in place; the
-        originals are kept and :meth:`restore` puts them back)."""
+    @property
+    def latent_kv(self) -> bool:
+        """Does the plan put K or V into a latent (so that a factored
+        application caches latents)? False for ``seed`` (only q_proj) and
+        for plans without k or v."""
+        return self.mode != "seed" and any(g.kind != "q" for g in self.groups)
+
+    def apply(self, var: float | None = None, rank: int | None = None,
+              factored: bool = False) -> Setting:
+        """Apply a setting in place; :meth:`restore` undoes it.
+
+        factored=False: every planned matrix is replaced by its
+        reconstruction (dense weights, dense cache). factored=True: the
+        weights stay as they were and the model runs from the factors
+        instead: per group the basis (plus the mean as one more latent
+        value) is the down-projection and each member's coefficients the
+        up-projection, so K and V come from a latent that the cache holds
+        (one per layer for k|v groups, one each for separate k and v) and a
+        compressed q_proj runs as two products. Same function as the
+        reconstruction, up to float32 rounding."""
         t0 = time.perf_counter()
-        if self.streaming:
-            ks = self._apply_streaming(var, rank)
-        else:
-            ks = self.ks_for(var, rank)
-            with self.model.lock:  # other threads see the model before or after, never halfway
-                for g in self.groups:
-                    self._write(g, g.pca, g.scores, ks[g.label])
-        s = Setting(self.mode, var, rank, ks, time.perf_counter() - t0)
+        with self.model.lock:  # other threads see the model before or after, never halfway
+            self._clear_factors()
+            if factored:  # factors replace the originals' use, not a reconstruction
+                self.restore()
+            self._pending = {} if factored else None
+            try:
+                if self.streaming:
+                    ks = self._apply_streaming(var, rank)
+                else:
+                    ks = self.ks_for(var, rank)
+                    for g in self.groups:
+                        self._write(g, g.pca, g.scores, ks[g.label])
+                if factored:
+                    self._set_factors(self._pending)
+            except BaseException:
+                self._clear_factors()
+                self.restore()
+                raise
+            finally:
+                self._pending = None
+        s = Setting(self.mode, var, rank, ks, time.perf_counter() - t0, factored=bool(factored))
         s.budget = self.budget(ks)
+        if factored:
+            s.kv_cache_bytes = int(self.model.kv_cache_bytes())
         return s
 
     def _write(self, g: Group, pca: StackedPCA, scores: dict, k: int) -> None:
-        """Replace g's matrices by their rank-k reconstructions."""
+        """Replace g's matrices by their rank-k reconstructions, or, while a
+        factored setting is applied (self._pending), record its factors."""
         # the reconstruction mean: dropped by the original code ("seed"), which
         # rebuilt W as transform(W)[:, :k] @ components_[:k]
         mean = np.zeros_like(pca.mean_) if self.mode == "seed" else pca.mean_
+        Zs = {}
         for n in g.names:
             Z = scores.get(n)
             if Z is None:  # scores at every kept rank, once: a setting is one product
                 Z = scores[n] = pca.transform(self._float32(n))
-            R = _C.pca_reconstruct(Z[:, :k], pca.components_, mean)
+            Zs[n] = Z
+        if self._pending is not None:
+            self._record_factors(g, pca, Zs, k)
+            return
+        for n in g.names:
+            R = _C.pca_reconstruct(Zs[n][:, :k], pca.components_, mean)
             self.model.set_weight(n, R, check_finite=False)
+
+    def _record_factors(self, g: Group, pca: StackedPCA, Zs: dict, k: int) -> None:
+        """g's factors at rank k: down = the first k components (and the
+        mean, one more latent value: its coefficient is meanᵀh), up per
+        member = its first k scores (and a column of ones)."""
+        with_mean = self.mode != "seed" and self.center
+        down = pca.components_[:k]
+        if with_mean:
+            down = np.vstack([down, pca.mean_[None, :]])
+        down = np.ascontiguousarray(down, np.float32)
+        for n in g.names:
+            up = Zs[n][:, :k]
+            if with_mean:
+                up = np.hstack([up, np.ones((up.shape[0], 1), np.float32)])
+            layer, p = _layer_proj(n)
+            self._pending.setdefault(layer, {})[p] = (down, np.ascontiguousarray(up, np.float32))
+
+    def _set_factors(self, pending: dict) -> None:
+        """Hand every layer's recorded factors to the model."""
+        kinds = {n: g.kind for g in self.groups for n in g.names}
+        for layer, f in sorted(pending.items()):
+            if "q" in f:
+                self.model.set_factored_q(layer, *f["q"])
+            k, v = f.get("k"), f.get("v")
+            if k is None and v is None:
+                continue
+            if k is not None and v is not None and kinds[proj_name(layer, "k")] == "k|v":
+                # one latent: K's and V's ups read the same down
+                self.model.set_latent(layer, k[0], k[1], None, v[1])
+            else:
+                self.model.set_latent(layer, *(k or (None, None)), *(v or (None, None)))
+        self._factored_layers = set(pending)
+
+    def _clear_factors(self) -> None:
+        for layer in getattr(self, "_factored_layers", ()):
+            self.model.set_latent(layer, None, None)
+            self.model.set_factored_q(layer, None, None)
+        self._factored_layers = set()
 
     def _apply_streaming(self, var: float | None, rank: int | None) -> dict[str, int]:
         """Fit, write and free one group at a time (the model is locked
@@ -293,10 +380,13 @@ class Surgery:
         return ks
 
     def restore(self) -> None:
-        """Put the original arrays back (bit-identical: the same arrays)."""
+        """Put the original arrays back (bit-identical: the same arrays) and
+        the dense path where a factored setting ran."""
         with self.model.lock:
+            self._clear_factors()
             for n, W in self._originals.items():
-                self.model.set_weight(n, W, check_finite=False)
+                if self.model.stored_weight(n) is not W:
+                    self.model.set_weight(n, W, check_finite=False)
 
     # --------------------------------------------------------------- budget
     def budget(self, ks: dict[str, int]) -> dict[str, float]:

@@ -221,11 +221,15 @@ def test_set_latent_bad_input(model):
     D, Dkv = model.config.hidden_size, model.config.kv_dim
     with pytest.raises(ValueError, match=r"k_up must have shape \(32, 3\)"):
         model.set_latent(0, np.ones((3, D)), np.ones((Dkv, 4)), None, np.ones((Dkv, 3)))
-    with pytest.raises(ValueError, match="v_up is needed"):
-        model.set_latent(0, np.ones((3, D)), np.ones((Dkv, 3)))
+    with pytest.raises(ValueError, match="k_down and k_up go together"):
+        model.set_latent(0, np.ones((3, D)), None)
+    with pytest.raises(ValueError, match="v_down needs v_up"):
+        model.set_latent(0, None, None, np.ones((3, D)))
+    with pytest.raises(ValueError, match="v_up without v_down reads K's latent"):
+        model.set_latent(0, None, None, None, np.ones((Dkv, 3)))
     with pytest.raises(IndexError, match="layer must be between 0 and 4"):
         model.set_latent(5, None, None)
-    with pytest.raises(ValueError, match="exceed 2 \\* Dkv \\+ 2"):
+    with pytest.raises(ValueError, match=r"exceed max\(2 \* Dkv \+ 2"):
         model.set_latent(0, np.ones((40, D)), np.ones((Dkv, 40)), np.ones((40, D)),
                          np.ones((Dkv, 40)))
     with pytest.raises(ValueError, match="k_down contains NaN"):
