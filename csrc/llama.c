@@ -27,6 +27,10 @@
 #include "pcasurgery.h"
 
 static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
+
+/* Decode rebuilds a latent K's keys this many positions at a time (a
+ * TinyLlama block of keys, 512 x 256 floats, stays in L2 while scored). */
+enum { KEY_BLOCK = 512 };
 static size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
 
 /* *out = a * b; nonzero when the product overflows size_t. */
@@ -107,7 +111,7 @@ static int state_sizes(size_t n_floats[N_STATE_BUFS], size_t *total, const PcsLl
               mul_ovf(B, F, &n_floats[5]) |                 /* hb2 */
               mul_ovf(S, half, &n_floats[6]) |              /* rope_cos */
               mul_ovf(S, half, &n_floats[7]) |              /* rope_sin */
-              mul_ovf(max_sz(B, c->n_heads / c->n_kv_heads), pcs_llama_max_latent(c),
+              mul_ovf(max_sz(B, c->n_heads), pcs_llama_max_latent(c),
                       &n_floats[8]);                        /* lat */
     if (ovf) {
         *what = "max_batch * the activation width";
@@ -243,7 +247,7 @@ int pcs_llama_state_layout(PcsLlamaState *s, const PcsLlamaConfig *c, const PcsL
     const size_t L = c->n_layers, S = c->seq_len, Dkv = c->n_kv_heads * c->head_dim;
     const size_t B = s->max_batch;
     *what = NULL;
-    size_t cache = 0, lat_k = 0, lat_v = 0, lat_q = 0;
+    size_t cache = 0, lat_k = 0, lat_q = 0;
     for (size_t l = 0; l < L; l++) {
         const PcsLlamaLayer *Ly = &w->layers[l];
         if ((Ly->k_up && (!Ly->k_down || Ly->k_rank == 0)) ||
@@ -254,12 +258,11 @@ int pcs_llama_state_layout(PcsLlamaState *s, const PcsLlamaConfig *c, const PcsL
         /* sizes fit: state_sizes checked L * S * max(2 Dkv, max latent) floats */
         cache += S * ((Ly->k_up ? 0 : Dkv) + (Ly->v_up ? 0 : Dkv) + latent_width(Ly));
         lat_k |= Ly->k_up != NULL;
-        lat_v |= Ly->v_up != NULL;
         lat_q |= Ly->q_up != NULL;
     }
-    size_t kbuf = lat_k ? S * Dkv : 0, hatt = lat_v ? c->n_heads * S : 0, total;
+    size_t kbuf = lat_k ? S * Dkv : 0, hatt = 0, total;
     size_t qlat = 0;
-    if ((lat_v && mul_ovf(c->n_heads, S, &hatt)) ||
+    if (mul_ovf(c->n_heads, S, &hatt) || /* decode's attention weights, every head */
         (lat_q && mul_ovf(B, c->dim + 1, &qlat)) ||
         __builtin_add_overflow(cache, kbuf, &total) || __builtin_add_overflow(total, hatt, &total) ||
         __builtin_add_overflow(total, qlat, &total) || total > (size_t)PTRDIFF_MAX / sizeof(float)) {
@@ -301,7 +304,7 @@ static int layout_matches(const PcsLlamaState *s, const PcsLlamaConfig *c, const
         const PcsLlamaLayer *Ly = &w->layers[l];
         if ((s->k_cache[l] == NULL) != (Ly->k_up != NULL) ||
             (s->v_cache[l] == NULL) != (Ly->v_up != NULL) || s->l_width[l] != latent_width(Ly) ||
-            (Ly->k_up && !s->kbuf) || (Ly->v_up && !s->hatt) || (Ly->q_up && !s->qlat))
+            (Ly->k_up && !s->kbuf) || !s->hatt || (Ly->q_up && !s->qlat))
             return 0;
     }
     return 1;
@@ -386,22 +389,63 @@ static void matmul_forward(float *out, size_t ldo, const float *x, size_t ldx, P
                         s->wbuf, s->wbuf_floats / n_in, pcs_get_num_threads());
 }
 
+/* One head u (hd) rotated by the angles' cos/sin (hd/2): element i pairs
+ * with i + hd/2. Products and sums rounded one by one (no FMA), so every
+ * version gives the same bits. */
+static void rope_head(float *u, const float *cs, const float *sn, size_t half)
+{
+    for (size_t i = 0; i < half; i++) {
+        float a = u[i], b = u[i + half];
+        u[i] = a * cs[i] - b * sn[i];
+        u[i + half] = b * cs[i] + a * sn[i];
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+__attribute__((target("avx2"))) static void rope_head_avx2(float *u, const float *cs,
+                                                           const float *sn, size_t half)
+{
+    size_t i = 0;
+    for (; i + 8 <= half; i += 8) {
+        const __m256 a = _mm256_loadu_ps(u + i), b = _mm256_loadu_ps(u + half + i);
+        const __m256 c = _mm256_loadu_ps(cs + i), s = _mm256_loadu_ps(sn + i);
+        _mm256_storeu_ps(u + i, _mm256_sub_ps(_mm256_mul_ps(a, c), _mm256_mul_ps(b, s)));
+        _mm256_storeu_ps(u + half + i, _mm256_add_ps(_mm256_mul_ps(b, c), _mm256_mul_ps(a, s)));
+    }
+    for (; i < half; i++) {
+        float a = u[i], b = u[i + half];
+        u[i] = a * cs[i] - b * sn[i];
+        u[i + half] = b * cs[i] + a * sn[i];
+    }
+}
+
+static int have_avx2(void)
+{
+    static int v = -1; /* benign race: every thread computes the same */
+    if (v < 0) {
+        __builtin_cpu_init();
+        v = __builtin_cpu_supports("avx2");
+    }
+    return v;
+}
+#endif
+
 /* Rotate every head of v (T, n_heads * hd) in place, token t at position P + t. */
 static void rope_forward(float *v, const PcsLlamaState *s, size_t T, size_t P, size_t n_heads,
                          size_t hd)
 {
     const size_t half = hd / 2;
+    void (*rot)(float *, const float *, const float *, size_t) = rope_head;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (have_avx2())
+        rot = rope_head_avx2;
+#endif
     for (size_t t = 0; t < T; t++) {
         const float *cs = s->rope_cos + (P + t) * half; /* (hd/2) */
         const float *sn = s->rope_sin + (P + t) * half;
-        for (size_t h = 0; h < n_heads; h++) {
-            float *u = v + (t * n_heads + h) * hd; /* (hd) */
-            for (size_t i = 0; i < half; i++) {
-                float a = u[i], b = u[i + half];
-                u[i] = a * cs[i] - b * sn[i];
-                u[i + half] = b * cs[i] + a * sn[i];
-            }
-        }
+        for (size_t h = 0; h < n_heads; h++)
+            rot(v + (t * n_heads + h) * hd, cs, sn, half);
     }
 }
 
@@ -484,12 +528,13 @@ static void latent_append(float *lc, size_t lw, const PcsLlamaState *s, const Pc
  * RoPE sits between k_up and the scores, so k_up cannot be absorbed into
  * the query (Palu's reconstruction). */
 static void latent_keys(float *kbuf, const float *lc, size_t lw, const PcsLlamaState *s,
-                        const PcsLlamaLayer *L, size_t C, size_t KV, size_t hd)
+                        const PcsLlamaLayer *L, size_t j0, size_t n, size_t KV, size_t hd)
 {
     const size_t Dkv = KV * hd;
-    matmul_f32(kbuf, Dkv, lc, lw, L->k_up, C, L->k_rank, Dkv, 0.0f);
-    add_bias(kbuf, Dkv, L->bk, C, Dkv);
-    rope_forward(kbuf, s, C, 0, KV, hd);
+    float *kb = kbuf + j0 * Dkv; /* rows j0..j0+n-1 */
+    matmul_f32(kb, Dkv, lc + j0 * lw, lw, L->k_up, n, L->k_rank, Dkv, 0.0f);
+    add_bias(kb, Dkv, L->bk, n, Dkv);
+    rope_forward(kb, s, n, j0, KV, hd);
 }
 
 /* Per-channel K (KIVI): a query at position p sees the keys of complete
@@ -585,7 +630,8 @@ static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig 
             }
             keys = kc;
         } else {
-            latent_keys(s->kbuf, lc, lw, s, L, C, KV, hd);
+            if (T > 1) /* decode rebuilds them block by block below */
+                latent_keys(s->kbuf, lc, lw, s, L, 0, C, KV, hd);
             keys = s->kbuf;
         }
         if (vc) {
@@ -596,28 +642,46 @@ static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig 
                 pcs_fake_quant_rows(vt, T, Dkv, Dkv, Qz->v_bits, Qz->group);
         }
 
-        if (!vc && T == 1 && !kq) {
-            /* decode with a latent V: per key/value head g, its G query
-             * heads' scores (G, C) at once, then V's up-projection absorbed:
-             * u (G, rv) = att c_V[0..C), out (G, hd) = u v_up_g^T (+ bv_g),
-             * so the latent rows are read once per head group and v_up
-             * applied once per head, not once per position. */
-            for (size_t g = 0; g < KV; g++) {
-                float *ag = s->hatt + g * G * S; /* (G, C) row stride S */
-                pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsTrans, (pcs_blasint)G,
-                                (pcs_blasint)C, (pcs_blasint)hd, scale, q + g * G * hd,
-                                (pcs_blasint)hd, keys + g * hd, (pcs_blasint)Dkv, 0.0f, ag,
-                                (pcs_blasint)S);
-                for (size_t i = 0; i < G; i++)
-                    softmax_causal(ag + i * S, 1, C, P, c->sliding_window);
-                pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsNoTrans, (pcs_blasint)G,
-                                (pcs_blasint)rv, (pcs_blasint)C, 1.0f, ag, (pcs_blasint)S,
+        if (T == 1 && !kq) {
+            /* decode: per key/value head g, its G query heads' scores (G, C)
+             * in one product, then their outputs (G, hd) in one more: the
+             * keys and values (or latents) are read once per head group. A
+             * latent K's keys are rebuilt KEY_BLOCK positions at a time, each
+             * block scored while it is in cache. A latent V's up-projection
+             * is absorbed: u (H, rv) = att c_V for every head at once (they
+             * share the latent), then out (G, hd) = u_g v_up_g^T (+ bv_g):
+             * v_up applied once per head, not once per position. */
+            const size_t nb = kc ? C : KEY_BLOCK;
+            for (size_t j0 = 0; j0 < C; j0 += nb) {
+                const size_t n = min_sz(nb, C - j0);
+                if (!kc)
+                    latent_keys(s->kbuf, lc, lw, s, L, j0, n, KV, hd);
+                for (size_t g = 0; g < KV; g++)
+                    pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsTrans, (pcs_blasint)G,
+                                    (pcs_blasint)n, (pcs_blasint)hd, scale, q + g * G * hd,
+                                    (pcs_blasint)hd, keys + j0 * Dkv + g * hd, (pcs_blasint)Dkv,
+                                    0.0f, s->hatt + g * G * S + j0, (pcs_blasint)S);
+            }
+            for (size_t h = 0; h < H; h++)
+                softmax_causal(s->hatt + h * S, 1, C, P, c->sliding_window);
+            if (!vc) /* every head attends over the same latent: u (H, rv) = att c_V */
+                pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsNoTrans, (pcs_blasint)H,
+                                (pcs_blasint)rv, (pcs_blasint)C, 1.0f, s->hatt, (pcs_blasint)S,
                                 lc + voff, (pcs_blasint)lw, 0.0f, s->lat, (pcs_blasint)rv);
+            for (size_t g = 0; g < KV; g++) {
                 float *og = xb + g * G * hd; /* (G, hd) */
-                pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsTrans, (pcs_blasint)G,
-                                (pcs_blasint)hd, (pcs_blasint)rv, 1.0f, s->lat, (pcs_blasint)rv,
-                                L->v_up + g * hd * rv, (pcs_blasint)rv, 0.0f, og, (pcs_blasint)hd);
-                add_bias(og, hd, L->bv ? L->bv + g * hd : NULL, G, hd);
+                if (vc)
+                    pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsNoTrans, (pcs_blasint)G,
+                                    (pcs_blasint)hd, (pcs_blasint)C, 1.0f, s->hatt + g * G * S,
+                                    (pcs_blasint)S, vc + g * hd, (pcs_blasint)Dkv, 0.0f, og,
+                                    (pcs_blasint)hd);
+                else {
+                    pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsTrans, (pcs_blasint)G,
+                                    (pcs_blasint)hd, (pcs_blasint)rv, 1.0f, s->lat + g * G * rv,
+                                    (pcs_blasint)rv, L->v_up + g * hd * rv, (pcs_blasint)rv, 0.0f,
+                                    og, (pcs_blasint)hd);
+                    add_bias(og, hd, L->bv ? L->bv + g * hd : NULL, G, hd);
+                }
             }
         } else {
             /* per query head h (key/value head h / G): att = q_h K^T * scale,

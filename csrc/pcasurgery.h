@@ -178,7 +178,7 @@ typedef struct {
     float *hb, *hb2;   /* (B, F) MLP gate / up */
     float *rope_cos;   /* (S, hd/2) */
     float *rope_sin;   /* (S, hd/2) */
-    float *lat;        /* (max(B, H/KV), max latent) attention-weighted latents (absorbed V) */
+    float *lat;        /* (max(B, H), max latent) attention-weighted latents (absorbed V) */
     /* The cache, laid out for the weights' latents (pcs_llama_state_layout):
      * per layer a dense K (S, Dkv) and V (S, Dkv), or NULL where the layer's
      * K or V is latent, and the latent rows (S, l_width[l]) or NULL. */
@@ -186,7 +186,7 @@ typedef struct {
     size_t *l_width;
     size_t cache_floats;  /* floats of every layer's cache together */
     float *kbuf;       /* (S, Dkv) keys rebuilt from latents (a latent K layer) */
-    float *hatt;       /* (H, S) decode: every head's attention weights (a latent V layer) */
+    float *hatt;       /* (H, S) decode: every head's attention weights */
     float *qlat;       /* (B, D + 1) latent of a factored Q */
     void *cache_block;
     PcsKvQuant quant;
