@@ -454,15 +454,16 @@ def allocate(groups: Sequence[Sequence[Basis]], config: Any, fraction: float, al
 # ----------------------------------------------------------------- applying
 
 def apply_latent(model: LlamaModel, groups: Sequence[Sequence[Basis]], ks: list[list[int]],
-                 bits: int = 16) -> None:
-    """Put a latent K/V cache of these ranks into the model. 16 bits: the
-    dense weights are replaced by their rank-k reconstructions (the same
-    outputs a latent cache gives); fewer: the forward pass computes each
-    layer's latent, rounds it as a `bits` cache would hold it, and rebuilds
-    K and V from it."""
+                 bits: int = 16, factored: bool = False) -> None:
+    """Put a latent K/V cache of these ranks into the model. 16 bits and not
+    factored: the dense weights are replaced by their rank-k
+    reconstructions (the same outputs a latent cache gives). factored, or
+    fewer bits: the model runs the latent path (K and V from each layer's
+    latent, which the cache holds; see LlamaModel.set_latent), the latent
+    rounded as a `bits` cache would hold it when bits < 16."""
     with model.lock:
         for li, layer in enumerate(groups):
-            if bits >= 16:
+            if bits >= 16 and not factored:
                 for g, k in zip(layer, ks[li]):
                     for n, R in zip(g.names, g.reconstruct(k)):
                         model.set_weight(n, R, check_finite=False)
