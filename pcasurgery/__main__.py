@@ -174,6 +174,15 @@ def build_parser() -> Parser:
                    help="write the surgered model (one mode, one setting) as a Hugging Face "
                         "folder; it must be new or empty (a non-empty folder is refused, so "
                         "no stale file can shadow the new weights)")
+    p.add_argument("--latent", action="store_true",
+                   help="run each setting through the latent path: K and V from each layer's "
+                        "latent, which the KV cache holds instead of K and V (a compressed q_proj "
+                        "runs as two products); the KV column then reports the bytes the cache "
+                        "really allocated. Needs k or v in the plan (not mode seed)")
+    p.add_argument("--factored", action="store_true",
+                   help="with --save: write the factors (DeepSeek-V2-style kv_a_proj/kv_b_proj, "
+                        "per-layer ranks in config.json) instead of dense weights; "
+                        "LlamaModel.from_pretrained loads it back, transformers does not")
     p.add_argument("--json", action="store_true", help="print results as JSON on stdout")
     return p
 
@@ -192,13 +201,20 @@ def is_chat_model(model) -> bool:
 
 
 def fmt_table(rows: list[dict]) -> str:
-    head = (f"{'mode':18}{'setting':>10}{'comps mean [min-max]':>22}{'KV cache':>10}"
+    latent = any(r.get("latent") for r in rows)
+    kv_head = f"{'KV alloc':>18}" if latent else f"{'KV cache':>10}"
+    head = (f"{'mode':18}{'setting':>10}{'comps mean [min-max]':>22}{kv_head}"
             f"{'params':>8}{'ppl':>9}{'KL':>9}{'top-1':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         setting = f"var {r['var']:g}" if r["var"] is not None else f"rank {r['rank']}"
         comps = f"{r['components_mean']:.1f} [{r['components_min']}-{r['components_max']}]"
-        lines.append(f"{r['mode']:18}{setting:>10}{comps:>22}{r['kv_ratio']:>10.1%}"
+        if latent:  # bytes the cache allocated, and their share of the dense cache's
+            b, d = r["kv_cache_bytes"], r["kv_cache_dense_bytes"]
+            kv = f"{b / 2**20:9.1f} MiB {b / d:5.1%}"
+        else:
+            kv = f"{r['kv_ratio']:>10.1%}"
+        lines.append(f"{r['mode']:18}{setting:>10}{comps:>22}{kv:>{len(kv_head)}}"
                      f"{r['params_ratio']:>8.0%}{r['perplexity']:>9.3f}{r['kl']:>9.4f}"
                      f"{r['top1']:>7.1%}")
     return "\n".join(lines)
@@ -208,7 +224,7 @@ def csv_text(rows: list[dict]) -> str:
     cols = ["mode", "var", "rank", "components_mean", "components_min", "components_max",
             "kv_latent_per_token", "kv_dense_per_token", "kv_ratio", "params_factored",
             "params_dense", "params_ratio", "perplexity", "base_perplexity", "kl", "top1",
-            "eval_tokens"]
+            "eval_tokens", "latent", "kv_cache_bytes", "kv_cache_dense_bytes"]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(cols + ["seconds_evaluate"])
@@ -384,6 +400,8 @@ def check_inputs(args: argparse.Namespace) -> None:
             check_text(args.prompt, "--prompt")
         except ValueError as e:
             raise UserError(str(e)) from None
+    if args.factored and args.save is None:
+        raise UserError("--factored writes the factors of --save; give --save DIR")
     for folder, what in ((args.out, "--out"), (args.save, "--save")):
         if folder is not None:
             try:
@@ -520,8 +538,13 @@ def check_rank(args: argparse.Namespace, model, modes: list[str]) -> None:
 def print_report(result: dict, rows: list[dict], summary: list[str], args) -> None:
     print()
     print(fmt_table(rows))
-    print("(KV cache: latent floats per token / dense cache; params: factored / dense "
-          "q,k,v of all layers; KL: nats per token vs the unmodified model)")
+    if args.latent:
+        print(f"(KV alloc: the float32 cache the latent path allocated for "
+              f"{result['n_ctx']} tokens, and its share of the dense cache's; params: factored "
+              "/ dense q,k,v of all layers; KL: nats per token vs the unmodified model)")
+    else:
+        print("(KV cache: latent floats per token / dense cache; params: factored / dense "
+              "q,k,v of all layers; KL: nats per token vs the unmodified model)")
     for line in summary:
         print("summary:", line)
     if args.max_new_tokens:
@@ -551,9 +574,14 @@ def save_setting(model, args, mode: str, setting: tuple[str, Any], fits: dict) -
     kind, value = setting
     s = Surgery(model, mode, proj=args.proj, center=args.center,
                 layers_per_group=args.layers_per_group, fits=fits).fit(keep=value)
-    s.apply(**{kind: value})
+    s.apply(**{kind: value}, factored=args.factored)
     try:
-        save_hf_folder(model, args.save)
+        if args.factored:
+            from .factored import save_factored
+
+            save_factored(model, args.save)
+        else:
+            save_hf_folder(model, args.save)
     finally:
         s.restore()
 
@@ -580,6 +608,14 @@ def _main(argv: list[str] | None) -> int:
         return budget_main(args)
     modes, settings = parse_plan(args)
     check_inputs(args)
+    if args.latent:
+        kv = [p for p in ("k", "v") if p in [x.strip() for x in args.proj.split(",")]]
+        for mode in modes:
+            if mode == "seed" or not kv:
+                why = ("mode seed compresses q_proj only" if mode == "seed"
+                       else f"--proj {args.proj} has neither k nor v")
+                raise UserError(f"--latent: {why}, so K and V stay dense and there is no latent "
+                                "cache to run; use a mode and --proj that touch k or v")
 
     from .evaluate import Evaluator
     from .experiment import compare_at_equal_budget, run
@@ -605,7 +641,8 @@ def _main(argv: list[str] | None) -> int:
     rows, curves = run(model, ev, modes, settings, proj=args.proj, center=args.center,
                        layers_per_group=args.layers_per_group, prompt=prompt,
                        max_new_tokens=args.max_new_tokens, chat=chat, seed=args.seed,
-                       temperature=args.temperature, progress=progress, fits=fits)
+                       temperature=args.temperature, progress=progress, fits=fits,
+                       latent=args.latent)
     summary = []
     if len(modes) > 1:
         summary = compare_at_equal_budget(rows, "kv_ratio") + compare_at_equal_budget(rows, "params_ratio")
@@ -613,7 +650,7 @@ def _main(argv: list[str] | None) -> int:
               "settings": [{"kind": k, "value": v} for k, v in settings], "proj": args.proj,
               "center": args.center, "base_perplexity": ev.base_quality.perplexity,
               "prompt": prompt, "chat": chat, "sample_before": before, "rows": rows,
-              "summary": summary}
+              "summary": summary, "latent": args.latent, "n_ctx": model.n_ctx}
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -485,19 +485,28 @@ def _shard_name(name: object, index: Path, tensor: str) -> str:
     return str(p)
 
 
-def load_hf_folder(folder: str | os.PathLike, dtype: str | None = None
-                   ) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+def load_hf_folder(folder: str | os.PathLike, dtype: str | None = None,
+                   factors_out: list | None = None) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
     """config.json plus model.safetensors, or the shards that
     model.safetensors.index.json lists; every tensor checked against the
     config's shapes. dtype "bfloat16": the weight matrices stay bf16 (uint16
     arrays of bf16 bits, memory-mapped where the file allows); "float32":
     everything widened; None: bfloat16 when the checkpoint's matrices are
-    all BF16, else float32."""
+    all BF16, else float32.
+
+    A factored folder (pcasurgery/factored.py) is checked against the ranks
+    its config.json declares; its factored projections come back rebuilt
+    dense (up @ down), and factors_out, when given, receives each layer's
+    factors (empty for a dense folder)."""
+    from . import factored
+
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{folder} has no config.json")
-    config = config_from_hf(read_json_object(cfg_path, "config"), str(cfg_path))
+    raw = read_json_object(cfg_path, "config")
+    config = config_from_hf(raw, str(cfg_path))
+    lay = factored.layout(raw, config, str(cfg_path))
     index = folder / "model.safetensors.index.json"
     single = folder / "model.safetensors"
     headers: dict[Path, tuple[dict[str, dict], int]] = {}  # each file's header, read once
@@ -513,7 +522,7 @@ def load_hf_folder(folder: str | os.PathLike, dtype: str | None = None
         raise FileNotFoundError(f"{folder} has neither model.safetensors nor "
                                 "model.safetensors.index.json")
     check_layer_count(config, n_tensors, listing)  # before anything loops over the layers
-    shapes = expected_shapes(config)
+    shapes = expected_shapes(config) if lay is None else factored.expected_shapes(config, lay)
     needed = [n for n in shapes if not (n == "lm_head.weight" and config.tie_word_embeddings)]
     files: dict[str, list[str]] = {"model.safetensors": needed} if listing == single else {}
     if listing == index:
@@ -536,6 +545,8 @@ def load_hf_folder(folder: str | os.PathLike, dtype: str | None = None
                 raise ValueError(
                     f"{fpath}: tensor {n!r} has shape {list(header[n]['shape'])} but "
                     f"config.json implies {list(shapes[n])}"
+                    + (" (from its ranks)" if n.endswith(("_a_proj.weight", "_b_proj.weight"))
+                       else "")
                 )
     if dtype is None:
         stored = {headers[folder / f][0][n]["dtype"] for f, ns in files.items() for n in ns
@@ -549,4 +560,8 @@ def load_hf_folder(folder: str | os.PathLike, dtype: str | None = None
         weights.update(load_safetensors(fpath, names, headers[fpath], bf16=keep))
     if config.tie_word_embeddings:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    if lay is not None:
+        weights, factors = factored.assemble(config, lay, weights)
+        if factors_out is not None:
+            factors_out.extend(factors)
     return config, weights

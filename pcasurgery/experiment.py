@@ -42,27 +42,34 @@ def run(model: LlamaModel, evaluator: Evaluator, modes: Iterable[str],
         layers_per_group: int = 0, prompt: str | None = None, max_new_tokens: int = 0,
         chat: bool = False, seed: int = 0, temperature: float = 0.0,
         progress: Callable[..., Any] | None = None,
-        fits: dict | None = None) -> tuple[list[dict], dict[str, Any]]:
+        fits: dict | None = None, latent: bool = False) -> tuple[list[dict], dict[str, Any]]:
     """Apply every (kind, value) setting ("var", 0.3) / ("rank", 16) of every
     mode, evaluate each, restore the model in between. Returns (rows, curves):
     a dict row per mode × setting and each mode's spectra by kind.
 
     fits: a dict that keeps the decompositions (see :class:`Surgery`), for a
-    caller that applies a setting again afterwards (the CLI's --save)."""
+    caller that applies a setting again afterwards (the CLI's --save).
+    latent: apply each setting factored (the model runs its latent path and
+    caches latents); the rows then carry the cache bytes really allocated."""
     rows: list[dict] = []
     curves: dict[str, Any] = {}
     base = evaluator.base_quality
     fits = {} if fits is None else fits  # groups common to several modes are decomposed once
+    dense_bytes = model.kv_cache_bytes()  # the unmodified model's allocated cache
     for mode in modes:
         s = Surgery(model, mode, proj=proj, center=center, layers_per_group=layers_per_group,
                     fits=fits)
+        if latent and not s.latent_kv:
+            raise ValueError(f"mode {mode!r} with proj {proj!r} leaves K and V dense"
+                             + (" (it compresses q_proj only)" if mode == "seed" else "")
+                             + ": a latent cache needs k or v in the plan")
         kinds = {k for k, _ in settings}
         keep = (max(v for _, v in settings) if len(kinds) == 1 else None)  # components needed
         s.fit(progress=(lambda it: progress(it, desc=f"fit {mode}", unit="group"))
               if progress else None, keep=keep)
         it = progress(settings, desc=f"evaluate {mode}", unit="setting") if progress else settings
         for kind, value in it:
-            st = s.apply(**{kind: value})
+            st = s.apply(**{kind: value}, factored=latent)
             q = evaluator.evaluate()
             t0 = time.perf_counter()
             sample = (model.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -80,7 +87,9 @@ def run(model: LlamaModel, evaluator: Evaluator, modes: Iterable[str],
                 "base_perplexity": base.perplexity,
                 "seconds": {"fit": s.fit_seconds, "apply": st.seconds, "evaluate": q.seconds,
                             "sample": t_sample},
-                "sample": sample,
+                "sample": sample, "latent": bool(latent),
+                "kv_cache_bytes": st.kv_cache_bytes if latent else None,
+                "kv_cache_dense_bytes": dense_bytes,
             })
             s.restore()
         for kind, per_group in spectra(s).items():  # streaming: known once applied

@@ -188,13 +188,19 @@ class LlamaModel:
 
         p = resolve_model(path_or_id)
         if p.is_dir():
-            config, weights = load_hf_folder(p, dtype)
+            factors: list = []
+            config, weights = load_hf_folder(p, dtype, factors_out=factors)
             tok = load_hf_tokenizer(Path(tokenizer) if tokenizer else p,
                                     bos_id=config.bos_token_id, eos_id=config.eos_token_id)
             if tok is not None and tok.vocab_size > config.vocab_size:
                 raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model "
                                  f"only {config.vocab_size}")
-            return cls(config, weights, tok, n_ctx=n_ctx, source=str(p), dtype=dtype)
+            model = cls(config, weights, tok, n_ctx=n_ctx, source=str(p), dtype=dtype)
+            if factors:  # a factored folder runs its latent path from the start
+                from .factored import apply_factors
+
+                apply_factors(model, factors)
+            return model
         config, weights = load_llama2c(p)
         tok2c: Llama2cTokenizer | None = None
         cands = [Path(tokenizer)] if tokenizer else [

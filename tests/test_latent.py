@@ -240,3 +240,95 @@ def test_set_factored_q_bad_input(models):
     with pytest.raises(ValueError, match="n must be between 0 and seq_len"):
         m._rt.fill_cache(N_CTX + 1)
     assert m.latent_layers() == ["dense"] * m.config.num_hidden_layers
+
+
+# ------------------------------------------------------ factored folders
+
+@pytest.mark.parametrize("mode,proj", [("shared-kv", "q,k,v"), ("separate", "k,v"),
+                                       ("separate", "v"), ("shared-kv-xlayer", "k,v")])
+def test_factored_folder_loads_back_to_the_same_logits(models, tmp_path, mode, proj):
+    import json
+
+    from pcasurgery.factored import save_factored
+
+    m = get(models, "gqa4")
+    toks = tokens_for(m)
+    s = Surgery(m, mode, proj=proj).fit()
+    s.apply(rank=5, factored=True)
+    want, layers, cache = run(m, toks), m.latent_layers(), m.kv_cache_bytes()
+    save_factored(m, tmp_path / "f")
+    s.restore()
+    m2 = LlamaModel.from_pretrained(tmp_path / "f", n_ctx=N_CTX)
+    assert m2.latent_layers() == layers and m2.kv_cache_bytes() == cache
+    assert_same_function(run(m2, toks), want)  # one prefill chunk here, two there
+    cfg = json.loads((tmp_path / "f" / "config.json").read_text())
+    key = "kv_lora_rank" if mode != "separate" else f"{proj.split(',')[0]}_lora_rank"
+    assert cfg[key] == [6] * m.config.num_hidden_layers  # 5 components + the mean
+
+
+def test_factored_folder_that_disagrees_with_its_config_is_refused(models, tmp_path):
+    import json
+
+    from pcasurgery.factored import save_factored
+
+    m = get(models, "gqa4")
+    s = Surgery(m, "shared-kv", proj="k,v").fit()
+    s.apply(rank=5, factored=True)
+    save_factored(m, tmp_path / "f")
+    s.restore()
+    cfg_path = tmp_path / "f" / "config.json"
+    good = json.loads(cfg_path.read_text())
+    for change, needle in [
+        ({"kv_lora_rank": [6, 7, 6]}, r"model.layers.1.self_attn.kv_a_proj.weight.*\[6, 64\].*"
+                                      r"implies \[7, 64\]"),
+        ({"kv_lora_rank": [6, 6]}, "kv_lora_rank must be a list of 3 ints"),
+        ({"k_lora_rank": [6, 0, 0]}, "layer 0 has both kv_lora_rank and k/v_lora_rank"),
+        ({"pcasurgery_factored": {"format": 9}}, "pcasurgery_factored must be an object"),
+    ]:
+        cfg_path.write_text(json.dumps({**good, **change}))
+        with pytest.raises(ValueError, match=needle):
+            LlamaModel.from_pretrained(tmp_path / "f")
+
+
+# ------------------------------------------------------------------ CLI
+
+def test_cli_latent_reports_allocated_bytes_and_saves_factored(tmp_path):
+    import json
+
+    from conftest import cli
+
+    if not MODEL.is_file():
+        pytest.skip(f"{MODEL} not found")
+    out = tmp_path / "f"
+    r = cli("--model", MODEL, "--var", "0.5", "--latent", "--json", "--max-new-tokens", "0",
+            "--save", out, "--factored")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    row = res["rows"][0]
+    m = LlamaModel.from_pretrained(MODEL, tokenizer=TOK)
+    c = m.config
+    assert res["latent"] and row["latent"]
+    assert row["kv_cache_dense_bytes"] == m.kv_cache_bytes()
+    # the allocated latent cache: (components + mean) x n_ctx x 4 bytes, per layer
+    comps = row["components"]["k|v"]
+    assert row["kv_cache_bytes"] == sum(k + 1 for k in comps) * m.n_ctx * 4
+    assert row["kv_cache_bytes"] / row["kv_cache_dense_bytes"] == pytest.approx(row["kv_ratio"])
+    m2 = LlamaModel.from_pretrained(out)  # a llama2c model: no tokenizer file to copy
+    assert m2.latent_layers() == ["q,k|v shared"] * c.num_hidden_layers
+    assert m2.kv_cache_bytes() == row["kv_cache_bytes"]
+    r = cli("--model", MODEL, "--var", "0.5", "--latent", "--max-new-tokens", "0")
+    assert r.returncode == 0, r.stderr
+    assert "KV alloc" in r.stdout and "MiB" in r.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--mode", "seed", "--latent"], "--latent: mode seed compresses q_proj only"),
+    (["--proj", "q", "--latent"], "--latent: --proj q has neither k nor v"),
+    (["--factored"], "--factored writes the factors of --save"),
+])
+def test_cli_latent_bad_input(args, needle):
+    from conftest import cli
+
+    r = cli("--model", "demo", "--var", "0.5", "--max-new-tokens", "0", *args)
+    assert r.returncode == 2
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
