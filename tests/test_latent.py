@@ -231,7 +231,7 @@ def test_set_factored_q_bad_input(models):
     D, Dq = m.config.hidden_size, m.config.num_attention_heads * m.config.head_dim
     with pytest.raises(ValueError, match="q_down and q_up go together"):
         m.set_factored_q(0, np.ones((3, D)), None)
-    with pytest.raises(ValueError, match=r"q_up must have shape \(%d, 3\)" % Dq):
+    with pytest.raises(ValueError, match=rf"q_up must have shape \({Dq}, 3\)"):
         m.set_factored_q(0, np.ones((3, D)), np.ones((Dq, 4)))
     with pytest.raises(ValueError, match="exceeds hidden_size"):
         m.set_factored_q(0, np.ones((D + 2, D)), np.ones((Dq, D + 2)))

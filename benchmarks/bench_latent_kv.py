@@ -1,0 +1,167 @@
+"""The latent KV cache, run for real: a TinyLlama-1.1B-shaped checkpoint
+(random weights, bench_forward.py's), float32, its K and V put into one
+shared latent per layer (weight PCA, centered: r - 1 components + the mean =
+r floats per token per layer) at r = 64, 128 and 256, against the dense
+model, in one run.
+
+Per side, in its own subprocess (a side's RSS is its own): the cache bytes
+the model allocated; its resident set before and after the cache's first
+8192 positions are written (the cache's pages come in as they are touched:
+the growth is the cache); decode tok/s at contexts of 256, 2048 and 8192
+tokens (the cache holds that many positions, written as zeros: a decode
+step's cost does not depend on the values; the context is raised to 8192 +
+the steps, RoPE does not care about max_position_embeddings).
+
+The arithmetic of the cross-over (printed with this run's measured limits):
+per decode step and layer the latent path rebuilds the keys of every cached
+position (C x kv_dim x r multiply-adds, an sgemm) where the dense path reads
+them (C x 2 kv_dim x 4 bytes against the latent's C x r x 4); it reads
+smaller projection weights (r x D + 2 kv_dim x r floats instead of 2 kv_dim
+x D) whatever the context. Rebuilding costs C x kv_dim x r x 2 / F seconds,
+the smaller cache saves C x (2 kv_dim - r) x 4 / B and the smaller weights a
+fixed W / B (F: sgemm FLOP/s, B: read bandwidth): the latent path is faster
+while C < C* = (W / B) / (kv_dim r 2 / F - (2 kv_dim - r) 4 / B).
+
+Usage: python benchmarks/bench_latent_kv.py [--threads 2] [--workdir DIR] [--decode 8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_forward import machine_limits, prepare  # noqa: E402
+
+RANKS = (64, 128, 256)
+CONTEXTS = (8192, 2048, 256)  # longest first: one model, the cache refilled for each
+LAYERS, D, KV_DIM = 22, 2048, 256
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_side(folder: Path, threads: int, r: int, n_decode: int) -> dict:
+    import numpy as np
+
+    import pcasurgery
+    from pcasurgery.surgery import Surgery
+
+    pcasurgery.set_num_threads(threads)
+    n_ctx = max(CONTEXTS) + n_decode + 1
+    m = pcasurgery.LlamaModel.from_pretrained(folder, dtype="float32", n_ctx=n_ctx)
+    out: dict = {"r": r}
+    if r:
+        s = Surgery(m, "shared-kv", proj="k,v").fit(keep=r - 1)
+        st = s.apply(rank=r - 1, factored=True)
+        out["fit_s"] = s.fit_seconds
+        del s  # the fits; the factors stay with the model
+        assert st.kv_cache_bytes == m.kv_cache_bytes()
+    out["layers"] = sorted(set(m.latent_layers()))
+    out["cache_bytes"] = m.kv_cache_bytes()
+    out["cache_bytes_8192"] = m.kv_cache_bytes() * max(CONTEXTS) // n_ctx
+    rt = m._rt
+    out["rss_before_mb"] = rss_mb()
+    rt.fill_cache(max(CONTEXTS))
+    out["rss_after_mb"] = rss_mb()
+    tok = np.array([5])
+    for ctx in CONTEXTS:
+        best = 0.0
+        for _ in range(2):
+            rt.fill_cache(ctx)
+            rt.forward(tok, ctx, False)  # warm
+            t0 = time.perf_counter()
+            for i in range(n_decode):
+                rt.forward(tok, ctx + 1 + i, False)
+            best = max(best, n_decode / (time.perf_counter() - t0))
+        out[f"tok_s_{ctx}"] = best
+    return out
+
+
+def rebuild_gflops(threads: int, r: int, C: int = 2048) -> float:
+    """sgemm FLOP/s on the rebuild's own shape, (C, r) @ (r, kv_dim)."""
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(threads):
+        a = np.ones((C, r), np.float32)
+        b = np.ones((r, KV_DIM), np.float32)
+        a @ b
+        best = 1e9
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(LAYERS):
+                a @ b
+            best = min(best, time.perf_counter() - t0)
+    return LAYERS * 2 * C * r * KV_DIM / best / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                      "pcasurgery-bench", "tinyllama-random"))
+    ap.add_argument("--decode", type=int, default=8, help="decode steps timed per context")
+    ap.add_argument("--side", type=int, help=argparse.SUPPRESS)  # r, 0 = dense
+    args = ap.parse_args()
+    folder = Path(args.workdir)
+    if args.side is not None:
+        if args.side < 0:
+            prepare(folder)
+            return
+        print(json.dumps(run_side(folder, args.threads, args.side, args.decode)))
+        return
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"threads: {args.threads}")
+    subprocess.run([sys.executable, __file__, "--side", "-1", "--workdir", str(folder)],
+                   check=True)
+    res = {}
+    for r in (0,) + RANKS:
+        out = subprocess.run([sys.executable, __file__, "--side", str(r), "--threads",
+                              str(args.threads), "--workdir", str(folder), "--decode",
+                              str(args.decode)], capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"r={r} failed:\n{out.stderr[-3000:]}")
+        res[r] = json.loads(out.stdout.strip().splitlines()[-1])
+    lim = machine_limits(args.threads)
+    B = lim["read_gbps"] * 1e9
+    print(f"limits: sgemm {lim['sgemm_gflops']:.0f} GFLOP/s (2048^3), read {B / 1e9:.1f} GB/s")
+    dense = res[0]
+    print(f"\n{'':14}{'cache MB':>9}{'at 8192':>9}{'RSS +':>8}" +
+          "".join(f"{'tok/s @' + str(c):>13}{'x dense':>8}" for c in sorted(CONTEXTS)))
+    for r in (0,) + RANKS:
+        x = res[r]
+        name = "dense K,V" if r == 0 else f"latent r={r}"
+        line = (f"{name:14}{x['cache_bytes'] / 1e6:>9.1f}{x['cache_bytes_8192'] / 1e6:>9.1f}"
+                f"{x['rss_after_mb'] - x['rss_before_mb']:>8.0f}")
+        for c in sorted(CONTEXTS):
+            line += f"{x[f'tok_s_{c}']:>13.2f}{x[f'tok_s_{c}'] / dense[f'tok_s_{c}']:>8.3f}"
+        print(line)
+    print("(cache MB: allocated for the whole context; at 8192: its first 8192 positions; "
+          "RSS +: resident growth in MB when those are written)")
+    print("\ncross-over (latent faster below C*):")
+    for r in RANKS:
+        F = rebuild_gflops(args.threads, r) * 1e9
+        W = (2 * KV_DIM * D - (r * D + 2 * KV_DIM * r)) * 4 * LAYERS  # bytes of weights saved
+        per_pos = LAYERS * (KV_DIM * r * 2 / F - (2 * KV_DIM - r) * 4 / B)
+        cstar = (W / B) / per_pos if per_pos > 0 else float("inf")
+        print(f"  r={r}: per cached position and step, all layers: rebuilding its keys "
+              f"{LAYERS * KV_DIM * r * 2 / F * 1e6:.2f} us (sgemm {F / 1e9:.0f} GFLOP/s on its "
+              f"shape) vs reading less cache {LAYERS * (2 * KV_DIM - r) * 4 / B * 1e6:.3f} us; "
+              f"weights saved "
+              f"{W / 1e6:.0f} MB = {W / B * 1e3:.1f} ms per step -> C* = {cstar:.0f} tokens")
+    print(json.dumps({"limits": lim, "sides": res}))
+
+
+if __name__ == "__main__":
+    main()
