@@ -574,9 +574,10 @@ def save_setting(model, args, mode: str, setting: tuple[str, Any], fits: dict) -
     kind, value = setting
     s = Surgery(model, mode, proj=args.proj, center=args.center,
                 layers_per_group=args.layers_per_group, fits=fits).fit(keep=value)
-    s.apply(**{kind: value}, factored=args.factored)
+    factored = getattr(args, "factored", False)
+    s.apply(**{kind: value}, factored=factored)
     try:
-        if args.factored:
+        if factored:
             from .factored import save_factored
 
             save_factored(model, args.save)
