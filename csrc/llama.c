@@ -27,11 +27,11 @@
 #include "pcasurgery.h"
 
 static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
+static size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
 
 /* Decode rebuilds a latent K's keys this many positions at a time (a
  * TinyLlama block of keys, 512 x 256 floats, stays in L2 while scored). */
 enum { KEY_BLOCK = 512 };
-static size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
 
 /* *out = a * b; nonzero when the product overflows size_t. */
 static int mul_ovf(size_t a, size_t b, size_t *out) { return __builtin_mul_overflow(a, b, out); }
@@ -285,7 +285,6 @@ int pcs_llama_state_layout(PcsLlamaState *s, const PcsLlamaConfig *c, const PcsL
         s->l_cache[l] = s->l_width[l] ? p : NULL;
         p += S * s->l_width[l];
     }
-    s->cache_floats = cache;
     s->kbuf = kbuf ? p : NULL;
     p += kbuf;
     s->hatt = hatt ? p : NULL;
@@ -389,16 +388,21 @@ static void matmul_forward(float *out, size_t ldo, const float *x, size_t ldx, P
                         s->wbuf, s->wbuf_floats / n_in, pcs_get_num_threads());
 }
 
-/* One head u (hd) rotated by the angles' cos/sin (hd/2): element i pairs
- * with i + hd/2. Products and sums rounded one by one (no FMA), so every
- * version gives the same bits. */
-static void rope_head(float *u, const float *cs, const float *sn, size_t half)
+/* One head u (hd) rotated by the angles' cos/sin (hd/2), pairs i0..hd/2-1:
+ * element i pairs with i + hd/2. Products and sums rounded one by one (no
+ * FMA), so every version gives the same bits. */
+static void rope_pairs(float *u, const float *cs, const float *sn, size_t half, size_t i0)
 {
-    for (size_t i = 0; i < half; i++) {
+    for (size_t i = i0; i < half; i++) {
         float a = u[i], b = u[i + half];
         u[i] = a * cs[i] - b * sn[i];
         u[i + half] = b * cs[i] + a * sn[i];
     }
+}
+
+static void rope_head(float *u, const float *cs, const float *sn, size_t half)
+{
+    rope_pairs(u, cs, sn, half, 0);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -413,11 +417,7 @@ __attribute__((target("avx2"))) static void rope_head_avx2(float *u, const float
         _mm256_storeu_ps(u + i, _mm256_sub_ps(_mm256_mul_ps(a, c), _mm256_mul_ps(b, s)));
         _mm256_storeu_ps(u + half + i, _mm256_add_ps(_mm256_mul_ps(b, c), _mm256_mul_ps(a, s)));
     }
-    for (; i < half; i++) {
-        float a = u[i], b = u[i + half];
-        u[i] = a * cs[i] - b * sn[i];
-        u[i + half] = b * cs[i] + a * sn[i];
-    }
+    rope_pairs(u, cs, sn, half, i);
 }
 
 static int have_avx2(void)
@@ -523,10 +523,10 @@ static void latent_append(float *lc, size_t lw, const PcsLlamaState *s, const Pc
     }
 }
 
-/* Keys of positions 0..C-1 rebuilt from the cached latents: kbuf (C, Dkv)
- * = lc[:, 0:rk] k_up^T (+ bk), rotated. One sgemm for the whole context:
- * RoPE sits between k_up and the scores, so k_up cannot be absorbed into
- * the query (Palu's reconstruction). */
+/* Keys of positions j0..j0+n-1 rebuilt from the cached latents: kbuf rows
+ * j0.. (n, Dkv) = lc[j0.., 0:rk] k_up^T (+ bk), rotated. One sgemm per
+ * range: RoPE sits between k_up and the scores, so k_up cannot be absorbed
+ * into the query (Palu's reconstruction). */
 static void latent_keys(float *kbuf, const float *lc, size_t lw, const PcsLlamaState *s,
                         const PcsLlamaLayer *L, size_t j0, size_t n, size_t KV, size_t hd)
 {

@@ -1174,6 +1174,26 @@ static int runtime_commit_factors(LlamaRuntime *self, Py_ssize_t layer, PyArrayO
     return 0;
 }
 
+/* The end of set_latent and set_factored_q: arr[lo..hi) holds the new
+ * factors (owned references, NULL = None) and rank their ranks (the others
+ * as the layer has them). ok: keep the layer's other factors, commit and
+ * return None; not ok (an exception is set): drop the new ones, NULL. */
+static PyObject *runtime_finish_factors(LlamaRuntime *self, Py_ssize_t layer, PyArrayObject **arr,
+                                        int lo, int hi, const size_t *rank, int ok)
+{
+    PyObject *slots = PyList_GET_ITEM(self->latents, layer);
+    for (int i = 0; ok && i < RT_LATENT_SLOTS; i++) {
+        if (i >= lo && i < hi)
+            continue;
+        PyObject *o = PyList_GET_ITEM(slots, i);
+        arr[i] = o == Py_None ? NULL : (PyArrayObject *)Py_NewRef(o);
+    }
+    ok = ok && runtime_commit_factors(self, layer, arr, rank) == 0;
+    for (int i = 0; i < RT_LATENT_SLOTS; i++)
+        Py_XDECREF(arr[i]);
+    return ok ? Py_NewRef(Py_None) : NULL;
+}
+
 /* obj None (NULL in *out) or a finite float32 matrix of (rows, cols) (0: any, the
  * actual one in *got). -1 with an exception. */
 static int opt_matrix(PyObject *obj, const char *name, size_t rows, size_t cols, size_t *got_rows,
@@ -1232,33 +1252,19 @@ static PyObject *runtime_set_latent(LlamaRuntime *self, PyObject *args)
         return NULL;
     }
     const size_t D = c->dim, Dkv = c->n_kv_heads * c->head_dim;
-    size_t rank[3] = {0, 0, 0};
+    size_t rank[3] = {0, 0, self->w.layers[layer].q_rank}; /* Q's factors stay */
     PyArrayObject *arr[RT_LATENT_SLOTS] = {NULL};
-    PyObject *slots = PyList_GET_ITEM(self->latents, layer); /* Q's factors stay */
-    for (int i = 4; i < RT_LATENT_SLOTS; i++) {
-        PyObject *o = PyList_GET_ITEM(slots, i);
-        arr[i] = o == Py_None ? NULL : (PyArrayObject *)o;
-        Py_XINCREF(arr[i]);
-    }
-    rank[2] = self->w.layers[layer].q_rank;
-    PyObject *result = NULL;
-    if (opt_matrix(kd_obj, "k_down", 0, D, &rank[0], NULL, &arr[0]) < 0 ||
-        opt_matrix(ku_obj, "k_up", Dkv, rank[0], NULL, NULL, &arr[1]) < 0 ||
-        opt_matrix(vd_obj, "v_down", 0, D, &rank[1], NULL, &arr[2]) < 0 ||
-        opt_matrix(vu_obj, "v_up", Dkv, arr[2] ? rank[1] : rank[0], NULL, NULL, &arr[3]) < 0)
-        goto done;
-    if (rank[0] + rank[1] > pcs_llama_max_latent(c)) {
+    int ok = opt_matrix(kd_obj, "k_down", 0, D, &rank[0], NULL, &arr[0]) == 0 &&
+             opt_matrix(ku_obj, "k_up", Dkv, rank[0], NULL, NULL, &arr[1]) == 0 &&
+             opt_matrix(vd_obj, "v_down", 0, D, &rank[1], NULL, &arr[2]) == 0 &&
+             opt_matrix(vu_obj, "v_up", Dkv, arr[2] ? rank[1] : rank[0], NULL, NULL, &arr[3]) == 0;
+    if (ok && rank[0] + rank[1] > pcs_llama_max_latent(c)) {
         PyErr_Format(PyExc_ValueError,
                      "latent ranks %zu + %zu exceed max(2 * Dkv + 2, hidden_size + 1) = %zu",
                      rank[0], rank[1], pcs_llama_max_latent(c));
-        goto done;
+        ok = 0;
     }
-    if (runtime_commit_factors(self, layer, arr, rank) == 0)
-        result = Py_NewRef(Py_None);
-done:
-    for (int i = 0; i < RT_LATENT_SLOTS; i++)
-        Py_XDECREF(arr[i]);
-    return result;
+    return runtime_finish_factors(self, layer, arr, 0, 4, rank, ok);
 }
 
 PyDoc_STRVAR(runtime_set_factored_q_doc,
@@ -1281,30 +1287,17 @@ static PyObject *runtime_set_factored_q(LlamaRuntime *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "q_down and q_up go together: give both or neither");
         return NULL;
     }
-    PcsLlamaLayer *L = &self->w.layers[layer];
-    size_t rank[3] = {L->k_rank, L->v_rank, 0};
+    const PcsLlamaLayer *L = &self->w.layers[layer];
+    size_t rank[3] = {L->k_rank, L->v_rank, 0}; /* K's and V's factors stay */
     PyArrayObject *arr[RT_LATENT_SLOTS] = {NULL};
-    PyObject *slots = PyList_GET_ITEM(self->latents, layer); /* K's and V's stay */
-    for (int i = 0; i < 4; i++) {
-        PyObject *o = PyList_GET_ITEM(slots, i);
-        arr[i] = o == Py_None ? NULL : (PyArrayObject *)o;
-        Py_XINCREF(arr[i]);
-    }
-    PyObject *result = NULL;
-    if (opt_matrix(qd_obj, "q_down", 0, c->dim, &rank[2], NULL, &arr[4]) < 0 ||
-        opt_matrix(qu_obj, "q_up", c->n_heads * c->head_dim, rank[2], NULL, NULL, &arr[5]) < 0)
-        goto done;
-    if (rank[2] > pcs_llama_max_q_latent(c)) {
+    int ok = opt_matrix(qd_obj, "q_down", 0, c->dim, &rank[2], NULL, &arr[4]) == 0 &&
+             opt_matrix(qu_obj, "q_up", c->n_heads * c->head_dim, rank[2], NULL, NULL, &arr[5]) == 0;
+    if (ok && rank[2] > pcs_llama_max_q_latent(c)) {
         PyErr_Format(PyExc_ValueError, "q rank %zu exceeds hidden_size + 1 = %zu", rank[2],
                      pcs_llama_max_q_latent(c));
-        goto done;
+        ok = 0;
     }
-    if (runtime_commit_factors(self, layer, arr, rank) == 0)
-        result = Py_NewRef(Py_None);
-done:
-    for (int i = 0; i < RT_LATENT_SLOTS; i++)
-        Py_XDECREF(arr[i]);
-    return result;
+    return runtime_finish_factors(self, layer, arr, 4, RT_LATENT_SLOTS, rank, ok);
 }
 
 PyDoc_STRVAR(runtime_cache_widths_doc,

@@ -184,7 +184,6 @@ typedef struct {
      * K or V is latent, and the latent rows (S, l_width[l]) or NULL. */
     float **k_cache, **v_cache, **l_cache;
     size_t *l_width;
-    size_t cache_floats;  /* floats of every layer's cache together */
     float *kbuf;       /* (S, Dkv) keys rebuilt from latents (a latent K layer) */
     float *hatt;       /* (H, S) decode: every head's attention weights */
     float *qlat;       /* (B, D + 1) latent of a factored Q */

@@ -486,7 +486,7 @@ def _shard_name(name: object, index: Path, tensor: str) -> str:
 
 
 def load_hf_folder(folder: str | os.PathLike, dtype: str | None = None,
-                   factors_out: list | None = None) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+                   factors_out: dict | None = None) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
     """config.json plus model.safetensors, or the shards that
     model.safetensors.index.json lists; every tensor checked against the
     config's shapes. dtype "bfloat16": the weight matrices stay bf16 (uint16
@@ -496,8 +496,9 @@ def load_hf_folder(folder: str | os.PathLike, dtype: str | None = None,
 
     A factored folder (pcasurgery/factored.py) is checked against the ranks
     its config.json declares; its factored projections come back rebuilt
-    dense (up @ down), and factors_out, when given, receives each layer's
-    factors (empty for a dense folder)."""
+    dense (up @ down), and factors_out, when given, receives each factored
+    layer's factors (layer -> factors, as factored.apply_factors takes them;
+    nothing for a dense folder)."""
     from . import factored
 
     folder = Path(folder)
@@ -563,5 +564,5 @@ def load_hf_folder(folder: str | os.PathLike, dtype: str | None = None,
     if lay is not None:
         weights, factors = factored.assemble(config, lay, weights)
         if factors_out is not None:
-            factors_out.extend(factors)
+            factors_out.update(factors)
     return config, weights

@@ -192,13 +192,20 @@ def save_hf_folder(model: LlamaModel, folder: str | os.PathLike, dtype: str | No
         dtype = "BF16" if model.dtype == "bfloat16" else "F32"
     if dtype not in ("F32", "BF16"):
         raise ValueError(f"dtype must be 'F32' or 'BF16', got {dtype!r}")
+    tensors = {n: model.stored_weight(n) for n in model.weights
+               if not (n == "lm_head.weight" and model.config.tie_word_embeddings)}
+    return write_hf_folder(model, folder, hf_config(model, dtype), tensors, dtype)
+
+
+def write_hf_folder(model: LlamaModel, folder: str | os.PathLike, config: dict[str, Any],
+                    tensors: Mapping[str, Any], dtype: str) -> Path:
+    """config.json, model.safetensors (`tensors` in `dtype`) and the model's
+    source tokenizer files, written into `folder` (new or empty) at once."""
     folder = Path(folder)
     check_writable(folder, "--save folder")
     check_empty_or_new(folder, "--save folder")
-    tensors = {n: model.stored_weight(n) for n in model.weights
-               if not (n == "lm_head.weight" and model.config.tie_word_embeddings)}
     with staging_dir(folder) as tmp:
-        write_json(tmp / "config.json", hf_config(model, dtype))
+        write_json(tmp / "config.json", config)
         write_safetensors(tmp / "model.safetensors", tensors, dtype)
         src = Path(model.source) if model.source else None
         if src is not None and src.is_dir():

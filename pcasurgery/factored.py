@@ -26,7 +26,6 @@ stays the export that transformers loads.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -104,70 +103,58 @@ def expected_shapes(config: LlamaConfig, lay: list[dict[str, int]]) -> dict[str,
 
 
 def assemble(config: LlamaConfig, lay: list[dict[str, int]], weights: dict[str, np.ndarray]
-             ) -> tuple[dict[str, np.ndarray], list[dict[str, tuple]]]:
+             ) -> tuple[dict[str, np.ndarray], dict[int, dict[str, tuple]]]:
     """The dense weights (each factored projection rebuilt as up @ down, so
-    that the model is whole) and, per layer, the factors to run."""
+    that the model is whole; `weights` is changed in place: the factors
+    leave it) and, per factored layer, the factors to run (as
+    :func:`apply_factors` takes them)."""
     from .dtypes import from_bf16_bits
 
-    def f32(n: str) -> np.ndarray:
+    def take(n: str) -> np.ndarray:
         a = weights.pop(n)
         return from_bf16_bits(a) if a.dtype == np.uint16 else np.ascontiguousarray(a, np.float32)
 
-    dense = dict(weights)
-    factors: list[dict[str, tuple]] = []
+    factors: dict[int, dict[str, tuple]] = {}
     Dkv = config.kv_dim
     for layer, r in enumerate(lay):
         f: dict[str, tuple] = {}
         if r["q"]:
-            f["q"] = (f32(_attn(layer, "q_a_proj")), f32(_attn(layer, "q_b_proj")))
-            dense[_attn(layer, "q_proj")] = f["q"][1] @ f["q"][0]
+            f["q"] = (take(_attn(layer, "q_a_proj")), take(_attn(layer, "q_b_proj")))
+            weights[_attn(layer, "q_proj")] = f["q"][1] @ f["q"][0]
         if r["kv"]:
-            down, up = f32(_attn(layer, "kv_a_proj")), f32(_attn(layer, "kv_b_proj"))
+            down, up = take(_attn(layer, "kv_a_proj")), take(_attn(layer, "kv_b_proj"))
             f["kv"] = (down, np.ascontiguousarray(up[:Dkv]), np.ascontiguousarray(up[Dkv:]))
-            dense[_attn(layer, "k_proj")] = f["kv"][1] @ down
-            dense[_attn(layer, "v_proj")] = f["kv"][2] @ down
+            weights[_attn(layer, "k_proj")] = f["kv"][1] @ down
+            weights[_attn(layer, "v_proj")] = f["kv"][2] @ down
         for p in ("k", "v"):
             if r[p]:
-                f[p] = (f32(_attn(layer, f"{p}_a_proj")), f32(_attn(layer, f"{p}_b_proj")))
-                dense[_attn(layer, f"{p}_proj")] = f[p][1] @ f[p][0]
-        factors.append(f)
-    for n in list(dense):  # the factors themselves (popped from weights above)
-        if n not in weights and n.endswith(("_a_proj.weight", "_b_proj.weight")):
-            del dense[n]
-    return dense, factors
+                f[p] = (take(_attn(layer, f"{p}_a_proj")), take(_attn(layer, f"{p}_b_proj")))
+                weights[_attn(layer, f"{p}_proj")] = f[p][1] @ f[p][0]
+        if f:
+            factors[layer] = f
+    return weights, factors
 
 
-def apply_factors(model: LlamaModel, factors: list[dict[str, tuple]]) -> None:
-    """Run each layer from its factors (the latent path)."""
-    for layer, f in enumerate(factors):
+def apply_factors(model: LlamaModel, factors: dict[int, dict[str, tuple]]) -> None:
+    """Run each layer from its factors (the latent path): per layer "q"
+    (down, up), "kv" (down, up_k, up_v) for one latent shared by K and V,
+    or "k" / "v" (down, up) each."""
+    for layer, f in sorted(factors.items()):
         if "q" in f:
             model.set_factored_q(layer, *f["q"])
         if "kv" in f:
             down, up_k, up_v = f["kv"]
             model.set_latent(layer, down, up_k, None, up_v)
         elif "k" in f or "v" in f:
-            k, v = f.get("k"), f.get("v")
-            model.set_latent(layer, *((k[0], k[1]) if k else (None, None)),
-                             *((v[0], v[1]) if v else (None, None)))
+            model.set_latent(layer, *f.get("k", (None, None)), *f.get("v", (None, None)))
 
 
 def save_factored(model: LlamaModel, folder: str | os.PathLike) -> Path:
     """Write `model` as a factored folder: its factored layers' factors (as
     :meth:`LlamaModel.latent_layers` reports them) and every other weight
     dense, all in float32. `folder` must be new or empty."""
-    from .export import (
-        TOKENIZER_FILES,
-        check_empty_or_new,
-        check_writable,
-        hf_config,
-        staging_dir,
-        write_json,
-        write_safetensors,
-    )
+    from .export import hf_config, write_hf_folder
 
-    folder = Path(folder)
-    check_writable(folder, "--save folder")
-    check_empty_or_new(folder, "--save folder")
     c = model.config
     L = c.num_hidden_layers
     ranks = {k: [0] * L for k in RANK_KEYS}
@@ -194,12 +181,4 @@ def save_factored(model: LlamaModel, folder: str | os.PathLike) -> Path:
     cfg.update(ranks)
     cfg[KEY] = {"format": FORMAT, "note": "pcasurgery's factored layout (pcasurgery/factored.py); "
                 "load with pcasurgery.LlamaModel.from_pretrained"}
-    with staging_dir(folder) as tmp:
-        write_json(tmp / "config.json", cfg)
-        write_safetensors(tmp / "model.safetensors", tensors, "F32")
-        src = Path(model.source) if model.source else None
-        if src is not None and src.is_dir():
-            for name in TOKENIZER_FILES:
-                if (src / name).is_file():
-                    shutil.copyfile(src / name, tmp / name)
-    return folder
+    return write_hf_folder(model, folder, cfg, tensors, "F32")

@@ -188,7 +188,7 @@ class LlamaModel:
 
         p = resolve_model(path_or_id)
         if p.is_dir():
-            factors: list = []
+            factors: dict = {}
             config, weights = load_hf_folder(p, dtype, factors_out=factors)
             tok = load_hf_tokenizer(Path(tokenizer) if tokenizer else p,
                                     bos_id=config.bos_token_id, eos_id=config.eos_token_id)

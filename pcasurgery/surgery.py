@@ -270,9 +270,10 @@ class Surgery:
         reconstruction, up to float32 rounding."""
         t0 = time.perf_counter()
         with self.model.lock:  # other threads see the model before or after, never halfway
-            self._clear_factors()
             if factored:  # factors replace the originals' use, not a reconstruction
                 self.restore()
+            else:
+                self._clear_factors()
             self._pending = {} if factored else None
             try:
                 if self.streaming:
@@ -282,9 +283,11 @@ class Surgery:
                     for g in self.groups:
                         self._write(g, g.pca, g.scores, ks[g.label])
                 if factored:
-                    self._set_factors(self._pending)
+                    from .factored import apply_factors
+
+                    self._factored_layers = set(self._pending)  # what restore() clears
+                    apply_factors(self.model, self._pending)
             except BaseException:
-                self._clear_factors()
                 self.restore()
                 raise
             finally:
@@ -315,39 +318,31 @@ class Surgery:
             self.model.set_weight(n, R, check_finite=False)
 
     def _record_factors(self, g: Group, pca: StackedPCA, Zs: dict, k: int) -> None:
-        """g's factors at rank k: down = the first k components (and the
-        mean, one more latent value: its coefficient is meanᵀh), up per
-        member = its first k scores (and a column of ones)."""
+        """g's factors at rank k, per layer as factored.apply_factors takes
+        them: down = the first k components (and the mean, one more latent
+        value: its coefficient is meanᵀh), up per member = its first k
+        scores (and a column of ones); a k|v group's layers get one latent
+        ("kv": down, up_k, up_v)."""
         with_mean = self.mode != "seed" and self.center
         down = pca.components_[:k]
         if with_mean:
             down = np.vstack([down, pca.mean_[None, :]])
         down = np.ascontiguousarray(down, np.float32)
+        ups = {}
         for n in g.names:
             up = Zs[n][:, :k]
             if with_mean:
                 up = np.hstack([up, np.ones((up.shape[0], 1), np.float32)])
-            layer, p = _layer_proj(n)
-            self._pending.setdefault(layer, {})[p] = (down, np.ascontiguousarray(up, np.float32))
-
-    def _set_factors(self, pending: dict) -> None:
-        """Hand every layer's recorded factors to the model."""
-        kinds = {n: g.kind for g in self.groups for n in g.names}
-        for layer, f in sorted(pending.items()):
-            if "q" in f:
-                self.model.set_factored_q(layer, *f["q"])
-            k, v = f.get("k"), f.get("v")
-            if k is None and v is None:
-                continue
-            if k is not None and v is not None and kinds[proj_name(layer, "k")] == "k|v":
-                # one latent: K's and V's ups read the same down
-                self.model.set_latent(layer, k[0], k[1], None, v[1])
-            else:
-                self.model.set_latent(layer, *(k or (None, None)), *(v or (None, None)))
-        self._factored_layers = set(pending)
+            ups[_layer_proj(n)] = np.ascontiguousarray(up, np.float32)
+        for (layer, p), up in ups.items():
+            f = self._pending.setdefault(layer, {})
+            if g.kind != "k|v":
+                f[p] = (down, up)
+            elif p == "k":
+                f["kv"] = (down, up, ups[layer, "v"])
 
     def _clear_factors(self) -> None:
-        for layer in getattr(self, "_factored_layers", ()):
+        for layer in self._factored_layers:
             self.model.set_latent(layer, None, None)
             self.model.set_factored_q(layer, None, None)
         self._factored_layers = set()

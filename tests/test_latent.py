@@ -55,6 +55,17 @@ def run(m: LlamaModel, toks: np.ndarray) -> np.ndarray:
     return np.vstack(out)
 
 
+def dense_and_latent(m: LlamaModel, s: Surgery, toks: np.ndarray, **setting):
+    """run() with the setting applied as reconstructions, then factored;
+    the model restored."""
+    s.apply(**setting)
+    dense = run(m, toks)
+    s.apply(**setting, factored=True)
+    latent = run(m, toks)
+    s.restore()
+    return dense, latent
+
+
 def assert_same_function(latent, dense):
     np.testing.assert_allclose(latent, dense, rtol=0, atol=1e-4 * np.abs(dense).max())
 
@@ -133,12 +144,7 @@ def test_mixed_layers_and_projections(models):
     m = get(models, "gqa4")
     toks = tokens_for(m)
     for proj in ("k", "v", "q", "k,v"):
-        s = Surgery(m, "separate", proj=proj).fit()
-        s.apply(rank=5)
-        dense = run(m, toks)
-        s.apply(rank=5, factored=True)
-        latent = run(m, toks)
-        s.restore()
+        dense, latent = dense_and_latent(m, Surgery(m, "separate", proj=proj).fit(), toks, rank=5)
         assert_same_function(latent, dense)
     # layer 1 only: the others keep a dense cache
     s = Surgery(m, "shared-kv", proj="k,v").fit()
@@ -168,12 +174,7 @@ def test_biases_and_sliding_window(bias, window):
     m = random_model(8, 2, seed=4, bias=bias, window=window)
     toks = tokens_for(m)
     for mode in ("shared-kv", "separate"):
-        s = Surgery(m, mode).fit()
-        s.apply(var=0.7)
-        dense = run(m, toks)
-        s.apply(var=0.7, factored=True)
-        latent = run(m, toks)
-        s.restore()
+        dense, latent = dense_and_latent(m, Surgery(m, mode).fit(), toks, var=0.7)
         assert_same_function(latent, dense)
 
 
