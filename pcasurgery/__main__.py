@@ -667,8 +667,9 @@ def _main(argv: list[str] | None) -> int:
 
 
 def fmt_budget_table(rows: list[dict]) -> str:
-    head = (f"{'budget':>7}{'KV cache':>9}{'bytes/tok':>10}  {'setting':58}{'ranks mean [min-max]':>21}"
-            f"{'ppl':>9}{'KL':>9}{'top-1':>7}")
+    alloc = any(r.get("kv_cache_bytes") is not None for r in rows)
+    head = (f"{'budget':>7}{'KV cache':>9}{'bytes/tok':>10}" + (f"{'alloc MiB':>10}" if alloc else "")
+            + f"  {'setting':58}{'ranks mean [min-max]':>21}{'ppl':>9}{'KL':>9}{'top-1':>7}")
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: (-r["budget"], r["kl"])):
         flat = [k for x in r["ranks"] for k in (x if isinstance(x, list) else [x])]
@@ -677,8 +678,9 @@ def fmt_budget_table(rows: list[dict]) -> str:
             ranks = f"{sum(per) / len(per):.1f} [{min(per)}-{max(per)}]"
         else:
             ranks = "-"
-        lines.append(f"{r['budget']:>7.1%}{r['kv_fraction']:>9.1%}{r['kv_bytes_per_token']:>10.0f}  "
-                     f"{r['label'][:58]:58}{ranks:>21}{r['perplexity']:>9.3f}{r['kl']:>9.4f}"
+        mib = f"{r['kv_cache_bytes'] / 2**20:>10.1f}" if alloc else ""
+        lines.append(f"{r['budget']:>7.1%}{r['kv_fraction']:>9.1%}{r['kv_bytes_per_token']:>10.0f}"
+                     f"{mib}  {r['label'][:58]:58}{ranks:>21}{r['perplexity']:>9.3f}{r['kl']:>9.4f}"
                      f"{r['top1']:>7.1%}")
     return "\n".join(lines)
 
@@ -686,7 +688,7 @@ def fmt_budget_table(rows: list[dict]) -> str:
 def budget_csv(rows: list[dict]) -> str:
     cols = ["mode", "basis", "alloc", "balance", "latent_bits", "quantizer", "quant_bits", "budget",
             "kv_fraction", "kv_bytes_per_token", "kv_dense_bytes_per_token", "perplexity",
-            "base_perplexity", "kl", "top1", "eval_tokens", "q_var"]
+            "base_perplexity", "kl", "top1", "eval_tokens", "q_var", "kv_cache_bytes"]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(cols + ["ranks", "alpha", "seconds_evaluate"])
@@ -734,7 +736,7 @@ def budget_main(args: argparse.Namespace) -> int:
     rows = run_budget(model, ev, bases, modes=plan["modes"], budgets=budgets, basis=plan["basis"],
                       alloc=plan["alloc"], balance=plan["balance"], latent_bits=plan["latent_bits"],
                       quantizers=plan["quantizers"], q_var=plan["q_var"], progress=progress,
-                      skipped=skipped)
+                      skipped=skipped, latent=args.latent)
     summary = budget_summary(rows)
     result = {"model": model.source, "eval_text": text_desc,
               "calibration": cal.describe() if cal else None,
@@ -744,7 +746,8 @@ def budget_main(args: argparse.Namespace) -> int:
               "latent_bits": plan["latent_bits"], "center": args.center, "q_var": plan["q_var"],
               "fits": bases.fit_count, "sensitivity_probes": bases.probe_count,
               "base_perplexity": ev.base_quality.perplexity,
-              "rows": rows, "summary": summary, "skipped": skipped}
+              "rows": rows, "summary": summary, "skipped": skipped, "latent": args.latent,
+              "n_ctx": model.n_ctx}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -754,6 +757,9 @@ def budget_main(args: argparse.Namespace) -> int:
               "K and V only" + (f", q_proj at var {plan['q_var']:g} in every row" if plan["q_var"]
                                 else "; q_proj untouched") +
               "; KL: nats per token vs the unmodified model)")
+        if args.latent:
+            print(f"(alloc MiB: the float32 cache the model allocated for {model.n_ctx} tokens, "
+                  "latents run on the latent path; a quantised mode's cache is simulated, dense)")
         if model.config.qkv_bias:
             print("(biases: k_proj and v_proj biases stay dense and exact; a latent cache needs "
                   "no bytes for them, K = A c + b, so the KV column counts the latent only)")

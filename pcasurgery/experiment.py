@@ -166,7 +166,7 @@ def run_budget(model: LlamaModel, evaluator: Evaluator, bases: Any, *, modes: It
                                                                                 "per-channel-k"),
                q_var: float | None = None,
                progress: Callable[..., Any] | None = None,
-               skipped: list[str] | None = None) -> list[dict]:
+               skipped: list[str] | None = None, latent: bool = False) -> list[dict]:
     """Every latent mode × basis × allocator × balance × latent width at
     every budget (plus the quantised modes' own byte fractions), and every
     quantised mode × quantiser, each evaluated against the unmodified model.
@@ -176,7 +176,10 @@ def run_budget(model: LlamaModel, evaluator: Evaluator, bases: Any, *, modes: It
     bases: a :class:`pcasurgery.budget.Bases` (its fits serve every row).
     skipped: a list that receives a sentence for every combination that
     cannot meet a budget (fewer bytes than one component per group and
-    layer); it gets no row there."""
+    layer); it gets no row there.
+    latent: 16-bit latents run the latent path too (below 16 bits they
+    always do), and every row carries the KV-cache bytes the model
+    allocated (float32; a quantised mode's simulated cache is dense)."""
     from .budget import (
         LATENT_MODES,
         QUANT_MODES,
@@ -243,12 +246,13 @@ def run_budget(model: LlamaModel, evaluator: Evaluator, bases: Any, *, modes: It
                                            "latent_bits": bits, "quantizer": None})
                         skipped.append(f"{label} at {f:.1%}: needs at least {e.smallest:.1%}")
                     continue
-                apply_latent(model, groups, al.ks, bits)
+                apply_latent(model, groups, al.ks, bits, factored=latent)
                 ranks = [ks[0] if len(ks) == 1 else list(ks) for ks in al.ks]
                 alphas = ([None if math.isnan(layer[0].alpha) else layer[0].alpha for layer in groups]
                           if mode == "shared-kv" else [])
                 kv_bytes, target = al.bytes, f
             t_apply = time.perf_counter() - t0
+            allocated = model.kv_cache_bytes() if latent else None
             q = evaluator.evaluate()
         finally:
             restore(model, originals)
@@ -259,7 +263,7 @@ def run_budget(model: LlamaModel, evaluator: Evaluator, bases: Any, *, modes: It
             "latent_bits": bits if not quantizer else None, "quant_bits": bits if quantizer else None,
             "quantizer": quantizer, "budget": target, "kv_fraction": kv_bytes / dense,
             "kv_bytes_per_token": kv_bytes, "kv_dense_bytes_per_token": dense,
-            "ranks": ranks, "alpha": alphas, "q_var": q_var,
+            "ranks": ranks, "alpha": alphas, "q_var": q_var, "kv_cache_bytes": allocated,
             "perplexity": q.perplexity, "kl": q.kl, "top1": q.top1, "eval_tokens": q.tokens,
             "base_perplexity": base.perplexity,
             "seconds": {"apply": t_apply, "evaluate": q.seconds},

@@ -442,6 +442,31 @@ def test_budget_sweep_reuses_one_fit_per_group(model, calibration, eval_docs):
 
 
 @needs_model
+def test_budget_run_on_the_latent_path(model, calibration, eval_docs):
+    """latent=True: the same rows (the latent path computes the reconstruction's
+    function), and each carries the cache the model really allocated."""
+    bases = B.Bases(model, calibration)
+    ev = Evaluator(model, docs=eval_docs[:2], n_ctx=512)
+    kw = dict(modes=["separate", "shared-kv", "kv-int4"], budgets=[0.25], basis=["activations"],
+              alloc=["greedy"], balance=["auto"], latent_bits=[16, 8], quantizers=["per-token"])
+    dense = run_budget(model, ev, bases, **kw)
+    latent = run_budget(model, ev, bases, **kw, latent=True)
+    assert [r["label"] for r in latent] == [r["label"] for r in dense]
+    n_ctx, L = model.n_ctx, model.config.num_hidden_layers
+    for d, r in zip(dense, latent):
+        assert d["kv_cache_bytes"] is None
+        assert r["kl"] == pytest.approx(d["kl"], rel=1e-3, abs=1e-6)
+        if r["quantizer"]:  # a simulated quantised cache is allocated dense
+            assert r["kv_cache_bytes"] == 2 * model.config.kv_dim * n_ctx * L * 4
+        else:  # components (+ a mean term where the basis has one) per group and layer
+            groups = bases.groups(r["mode"], r["basis"], r["balance"])
+            floats = sum(k + g.mean_terms for layer, ks in zip(groups, r["ranks"])
+                         for g, k in zip(layer, ks if isinstance(ks, list) else [ks]))
+            assert r["kv_cache_bytes"] == floats * n_ctx * 4
+    assert model.kv_cache_bytes() == 2 * model.config.kv_dim * n_ctx * L * 4  # restored
+
+
+@needs_model
 def test_calibrated_shared_basis_beats_weight_only(model, calibration, eval_docs):
     """The issue's claim, at 25% of the KV cache on real eval text: the best
     calibrated shared-K/V setting has at most a third of the KL of the
