@@ -10,7 +10,10 @@ the model allocated; its resident set before and after the cache's first
 the growth is the cache); decode tok/s at contexts of 256, 2048 and 8192
 tokens (the cache holds that many positions, written as zeros: a decode
 step's cost does not depend on the values; the context is raised to 8192 +
-the steps, RoPE does not care about max_position_embeddings).
+the steps, RoPE does not care about max_position_embeddings). A latent
+side times the dense model too, alternating with its latent one in the same
+process, and its ratio is against that (the machine's speed drifts between
+processes by a few percent).
 
 The arithmetic of the cross-over (printed with this run's measured limits):
 per decode step and layer the latent path rebuilds the keys of every cached
@@ -52,6 +55,11 @@ def rss_mb() -> float:
 
 
 def run_side(folder: Path, threads: int, r: int, n_decode: int) -> dict:
+    """One side in its own process: the cache it allocates and the resident
+    growth when 8192 positions are written; then, for a latent side, decode
+    tok/s of the dense model and of the latent one, alternated (best of
+    two each) in this same process, so that their ratio does not drift with
+    the machine between processes."""
     import numpy as np
 
     import pcasurgery
@@ -61,11 +69,11 @@ def run_side(folder: Path, threads: int, r: int, n_decode: int) -> dict:
     n_ctx = max(CONTEXTS) + n_decode + 1
     m = pcasurgery.LlamaModel.from_pretrained(folder, dtype="float32", n_ctx=n_ctx)
     out: dict = {"r": r}
+    s = None
     if r:
         s = Surgery(m, "shared-kv", proj="k,v").fit(keep=r - 1)
         st = s.apply(rank=r - 1, factored=True)
         out["fit_s"] = s.fit_seconds
-        del s  # the fits; the factors stay with the model
         assert st.kv_cache_bytes == m.kv_cache_bytes()
     out["layers"] = sorted(set(m.latent_layers()))
     out["cache_bytes"] = m.kv_cache_bytes()
@@ -75,16 +83,27 @@ def run_side(folder: Path, threads: int, r: int, n_decode: int) -> dict:
     rt.fill_cache(max(CONTEXTS))
     out["rss_after_mb"] = rss_mb()
     tok = np.array([5])
+
+    def decode(ctx: int) -> float:
+        rt.fill_cache(ctx)
+        rt.forward(tok, ctx, False)  # warm
+        t0 = time.perf_counter()
+        for i in range(n_decode):
+            rt.forward(tok, ctx + 1 + i, False)
+        return n_decode / (time.perf_counter() - t0)
+
     for ctx in CONTEXTS:
-        best = 0.0
+        best = {"dense": 0.0, "latent": 0.0}
         for _ in range(2):
-            rt.fill_cache(ctx)
-            rt.forward(tok, ctx, False)  # warm
-            t0 = time.perf_counter()
-            for i in range(n_decode):
-                rt.forward(tok, ctx + 1 + i, False)
-            best = max(best, n_decode / (time.perf_counter() - t0))
-        out[f"tok_s_{ctx}"] = best
+            for side in (("dense", "latent") if s else ("dense",)):
+                if s is not None and side == "dense":
+                    s.restore()
+                elif s is not None:
+                    s.apply(rank=r - 1, factored=True)
+                best[side] = max(best[side], decode(ctx))
+        out[f"tok_s_{ctx}"] = best["latent" if s else "dense"]
+        if s is not None:
+            out[f"dense_tok_s_{ctx}"] = best["dense"]
     return out
 
 
@@ -139,16 +158,19 @@ def main() -> None:
     dense = res[0]
     print(f"\n{'':14}{'cache MB':>9}{'at 8192':>9}{'RSS +':>8}" +
           "".join(f"{'tok/s @' + str(c):>13}{'x dense':>8}" for c in sorted(CONTEXTS)))
+    # x dense: against the dense model decoding in the same process, alternated
     for r in (0,) + RANKS:
         x = res[r]
         name = "dense K,V" if r == 0 else f"latent r={r}"
         line = (f"{name:14}{x['cache_bytes'] / 1e6:>9.1f}{x['cache_bytes_8192'] / 1e6:>9.1f}"
                 f"{x['rss_after_mb'] - x['rss_before_mb']:>8.0f}")
         for c in sorted(CONTEXTS):
-            line += f"{x[f'tok_s_{c}']:>13.2f}{x[f'tok_s_{c}'] / dense[f'tok_s_{c}']:>8.3f}"
+            ref = x.get(f"dense_tok_s_{c}", dense[f"tok_s_{c}"])
+            line += f"{x[f'tok_s_{c}']:>13.2f}{x[f'tok_s_{c}'] / ref:>8.3f}"
         print(line)
     print("(cache MB: allocated for the whole context; at 8192: its first 8192 positions; "
-          "RSS +: resident growth in MB when those are written)")
+          "RSS +: resident growth in MB when those are written; x dense: against the dense "
+          "model decoding in the same process, alternated with the latent one)")
     print("\ncross-over (latent faster below C*):")
     for r in RANKS:
         F = rebuild_gflops(args.threads, r) * 1e9
