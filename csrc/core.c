@@ -23,6 +23,20 @@ const char *pcs_status_str(int status)
 
 void pcs_set_num_threads(int n) { pcs_openblas_set_num_threads(n); }
 int pcs_get_num_threads(void) { return pcs_openblas_get_num_threads(); }
+
+int pcs_blas_threads_off(void)
+{
+    const int n = pcs_openblas_get_num_threads();
+    if (n != 1)
+        pcs_openblas_set_num_threads(1);
+    return n;
+}
+
+void pcs_blas_threads_on(int n)
+{
+    if (n != 1)
+        pcs_openblas_set_num_threads(n);
+}
 const char *pcs_blas_config(void) { return pcs_openblas_get_config(); }
 
 const char *pcs_blas_library(void)

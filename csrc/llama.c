@@ -247,7 +247,7 @@ int pcs_llama_state_layout(PcsLlamaState *s, const PcsLlamaConfig *c, const PcsL
     const size_t L = c->n_layers, S = c->seq_len, Dkv = c->n_kv_heads * c->head_dim;
     const size_t B = s->max_batch;
     *what = NULL;
-    size_t cache = 0, lat_k = 0, lat_q = 0;
+    size_t cache = 0, lat_k = 0, lat_q = 0, rk_max = 0;
     for (size_t l = 0; l < L; l++) {
         const PcsLlamaLayer *Ly = &w->layers[l];
         if ((Ly->k_up && (!Ly->k_down || Ly->k_rank == 0)) ||
@@ -258,14 +258,17 @@ int pcs_llama_state_layout(PcsLlamaState *s, const PcsLlamaConfig *c, const PcsL
         /* sizes fit: state_sizes checked L * S * max(2 Dkv, max latent) floats */
         cache += S * ((Ly->k_up ? 0 : Dkv) + (Ly->v_up ? 0 : Dkv) + latent_width(Ly));
         lat_k |= Ly->k_up != NULL;
+        if (Ly->k_up && Ly->k_rank > rk_max)
+            rk_max = Ly->k_rank;
         lat_q |= Ly->q_up != NULL;
     }
     size_t kbuf = lat_k ? S * Dkv : 0, hatt = 0, total;
-    size_t qlat = 0;
+    size_t qlat = 0, kpack = rk_max * Dkv; /* rk_max <= max latent: no overflow (sizes checked) */
     if (mul_ovf(c->n_heads, S, &hatt) || /* decode's attention weights, every head */
         (lat_q && mul_ovf(B, c->dim + 1, &qlat)) ||
         __builtin_add_overflow(cache, kbuf, &total) || __builtin_add_overflow(total, hatt, &total) ||
-        __builtin_add_overflow(total, qlat, &total) || total > (size_t)PTRDIFF_MAX / sizeof(float)) {
+        __builtin_add_overflow(total, qlat, &total) || __builtin_add_overflow(total, kpack, &total) ||
+        total > (size_t)PTRDIFF_MAX / sizeof(float)) {
         *what = "the KV cache and latent buffers";
         return PCS_ERR_TOO_LARGE;
     }
@@ -290,6 +293,9 @@ int pcs_llama_state_layout(PcsLlamaState *s, const PcsLlamaConfig *c, const PcsL
     s->hatt = hatt ? p : NULL;
     p += hatt;
     s->qlat = qlat ? p : NULL;
+    p += qlat;
+    s->kpack = kpack ? p : NULL;
+    s->kpack_rank = rk_max;
     s->n_cached = 0;
     return PCS_OK;
 }
@@ -303,7 +309,8 @@ static int layout_matches(const PcsLlamaState *s, const PcsLlamaConfig *c, const
         const PcsLlamaLayer *Ly = &w->layers[l];
         if ((s->k_cache[l] == NULL) != (Ly->k_up != NULL) ||
             (s->v_cache[l] == NULL) != (Ly->v_up != NULL) || s->l_width[l] != latent_width(Ly) ||
-            (Ly->k_up && !s->kbuf) || !s->hatt || (Ly->q_up && !s->qlat))
+            (Ly->k_up && (!s->kbuf || !s->kpack || Ly->k_rank > s->kpack_rank)) || !s->hatt ||
+            (Ly->q_up && !s->qlat))
             return 0;
     }
     return 1;
@@ -358,11 +365,40 @@ static void rmsnorm_forward(float *out, const float *x, const float *w, size_t T
     }
 }
 
-/* out (T, n_out) = beta * out + x (T, n_in) @ W^T, W (n_out, n_in) float32;
- * ldo / ldx are row strides. One token: a gemv (bandwidth-bound decode). */
-static void matmul_f32(float *out, size_t ldo, const float *x, size_t ldx, const float *W,
-                       size_t T, size_t n_in, size_t n_out, float beta)
+typedef struct {
+    float *out;
+    const float *W, *x;
+    size_t n_out, n_in;
+    float beta;
+} GemvJob;
+
+/* A contiguous range of W's rows (8-row aligned: threads share no line of
+ * out), through OpenBLAS's single-threaded sgemv. */
+static void gemv_task(void *arg, int id, int n)
 {
+    const GemvJob *j = arg;
+    size_t per = (j->n_out + (size_t)n - 1) / (size_t)n;
+    per = (per + 7) / 8 * 8;
+    const size_t lo = min_sz((size_t)id * per, j->n_out), hi = min_sz(lo + per, j->n_out);
+    if (hi > lo)
+        pcs_cblas_sgemv(PcsRowMajor, PcsNoTrans, (pcs_blasint)(hi - lo), (pcs_blasint)j->n_in,
+                        1.0f, j->W + lo * j->n_in, (pcs_blasint)j->n_in, j->x, 1, j->beta,
+                        j->out + lo, 1);
+}
+
+/* out (T, n_out) = beta * out + x (T, n_in) @ W^T, W (n_out, n_in) float32;
+ * ldo / ldx are row strides. One token: a gemv (bandwidth-bound decode),
+ * its rows split over pcasurgery's threads when the step runs there
+ * (s->on_pool: OpenBLAS is single-threaded meanwhile). */
+static void matmul_f32(float *out, size_t ldo, const float *x, size_t ldx, const float *W,
+                       size_t T, size_t n_in, size_t n_out, float beta, const PcsLlamaState *s)
+{
+    if (T == 1 && s->on_pool) {
+        GemvJob j = {out, W, x, n_out, n_in, beta};
+        /* small products are not worth waking a thread for (~10 us) */
+        pcs_parallel(gemv_task, &j, n_out * n_in < ((size_t)1 << 16) ? 1 : s->n_threads);
+        return;
+    }
     if (T == 1)
         pcs_cblas_sgemv(PcsRowMajor, PcsNoTrans, (pcs_blasint)n_out, (pcs_blasint)n_in, 1.0f,
                         W, (pcs_blasint)n_in, x, 1, beta, out, 1);
@@ -379,13 +415,13 @@ static void matmul_forward(float *out, size_t ldo, const float *x, size_t ldx, P
                            const PcsLlamaState *s)
 {
     if (!W.bf16)
-        matmul_f32(out, ldo, x, ldx, (const float *)W.data, T, n_in, n_out, beta);
+        matmul_f32(out, ldo, x, ldx, (const float *)W.data, T, n_in, n_out, beta, s);
     else if (T == 1)
         pcs_gemv_bf16(out, (const unsigned short *)W.data, x, n_out, n_in, beta,
-                      pcs_get_num_threads());
+                      s->n_threads);
     else
         pcs_matmul_bf16(out, ldo, x, ldx, (const unsigned short *)W.data, T, n_in, n_out, beta,
-                        s->wbuf, s->wbuf_floats / n_in, pcs_get_num_threads());
+                        s->wbuf, s->wbuf_floats / n_in, s->n_threads);
 }
 
 /* One head u (hd) rotated by the angles' cos/sin (hd/2), pairs i0..hd/2-1:
@@ -476,6 +512,27 @@ static void softmax_causal(float *att, size_t T, size_t C, size_t P, size_t W)
     }
 }
 
+typedef struct {
+    float *att;
+    size_t H, S, C, P, W;
+} SoftmaxJob;
+
+static void softmax_task(void *arg, int id, int n)
+{
+    const SoftmaxJob *j = arg;
+    for (size_t h = j->H * (size_t)id / (size_t)n; h < j->H * (size_t)(id + 1) / (size_t)n; h++)
+        softmax_causal(j->att + h * j->S, 1, j->C, j->P, j->W);
+}
+
+/* Decode's softmax: att (H, S), one row per head over columns 0..C-1 (the
+ * query at position P), heads split over n_threads of pool.c's threads. */
+static void softmax_heads(float *att, size_t H, size_t S, size_t C, size_t P, size_t W,
+                          int n_threads)
+{
+    SoftmaxJob j = {att, H, S, C, P, W};
+    pcs_parallel(softmax_task, &j, H * C >= 4096 ? n_threads : 1);
+}
+
 /* x (T, n) row stride ld += b (n) on every row; nothing when b is NULL. */
 static void add_bias(float *x, size_t ld, const float *b, size_t T, size_t n)
 {
@@ -516,7 +573,7 @@ static void latent_append(float *lc, size_t lw, const PcsLlamaState *s, const Pc
     for (int i = 0; i < 2; i++) {
         if (!down[i])
             continue;
-        matmul_f32(lc + off, lw, xb, D, down[i], T, D, rank[i], 0.0f);
+        matmul_f32(lc + off, lw, xb, D, down[i], T, D, rank[i], 0.0f, s);
         if (Qz->latent_bits)
             pcs_fake_quant_rows(lc + off, T, rank[i], lw, Qz->latent_bits, Qz->latent_group);
         off += rank[i];
@@ -532,7 +589,7 @@ static void latent_keys(float *kbuf, const float *lc, size_t lw, const PcsLlamaS
 {
     const size_t Dkv = KV * hd;
     float *kb = kbuf + j0 * Dkv; /* rows j0..j0+n-1 */
-    matmul_f32(kb, Dkv, lc + j0 * lw, lw, L->k_up, n, L->k_rank, Dkv, 0.0f);
+    matmul_f32(kb, Dkv, lc + j0 * lw, lw, L->k_up, n, L->k_rank, Dkv, 0.0f, s);
     add_bias(kb, Dkv, L->bk, n, Dkv);
     rope_forward(kb, s, n, j0, KV, hd);
 }
@@ -579,6 +636,10 @@ static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig 
     float *hb = s->hb;   /* (T, F) */
     float *hb2 = s->hb2; /* (T, F) */
 
+    /* a decode step runs on pcasurgery's threads where attn.c's kernels do
+     * (not with per-channel K quantisation: its scores need the BLAS path) */
+    s->on_pool = T == 1 && pcs_attn_supported(hd) && !(Qz->k_bits && Qz->k_per_channel);
+    s->n_threads = s->on_pool ? pcs_blas_threads_off() : pcs_get_num_threads();
     for (size_t t = 0; t < T; t++) {
         const size_t row = (size_t)tokens[t] * D;
         if (w->tok_emb.bf16)
@@ -603,8 +664,8 @@ static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig 
         if (s->calib_sigma)
             calib_accumulate(s, xb, T, D, l);
         if (L->q_up) {
-            matmul_f32(s->qlat, L->q_rank, xb, D, L->q_down, T, D, L->q_rank, 0.0f);
-            matmul_f32(q, Dq, s->qlat, L->q_rank, L->q_up, T, L->q_rank, Dq, 0.0f);
+            matmul_f32(s->qlat, L->q_rank, xb, D, L->q_down, T, D, L->q_rank, 0.0f, s);
+            matmul_f32(q, Dq, s->qlat, L->q_rank, L->q_up, T, L->q_rank, Dq, 0.0f, s);
         } else
             matmul_forward(q, Dq, xb, D, L->wq, T, D, Dq, 0.0f, s);
         add_bias(q, Dq, L->bq, T, Dq);
@@ -642,15 +703,43 @@ static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig 
                 pcs_fake_quant_rows(vt, T, Dkv, Dkv, Qz->v_bits, Qz->group);
         }
 
-        if (T == 1 && !kq) {
-            /* decode: per key/value head g, its G query heads' scores (G, C)
-             * in one product, then their outputs (G, hd) in one more: the
-             * keys and values (or latents) are read once per head group. A
-             * latent K's keys are rebuilt KEY_BLOCK positions at a time, each
-             * block scored while it is in cache. A latent V's up-projection
-             * is absorbed: u (H, rv) = att c_V for every head at once (they
-             * share the latent), then out (G, hd) = u_g v_up_g^T (+ bv_g):
-             * v_up applied once per head, not once per position. */
+        if (s->on_pool) {
+            /* decode on pcasurgery's threads (attn.c): the scores (a latent
+             * K's keys rebuilt, rotated and scored in L1, never stored),
+             * the softmax per head, then the values: out (H, hd) = att V,
+             * per head group; or, V latent, its up-projection absorbed:
+             * u (H, rv) = att c_V for every head at once (they share the
+             * latent), then out_h = v_up_g u_h (+ bv_g), v_up applied once
+             * per head, not once per position. */
+            if (!kc)
+                pcs_attn_pack(s->kpack, L->k_up, Dkv, L->k_rank);
+            const PcsAttnScores sc = {
+                .att = s->hatt, .lda = S, .q = q, .H = H, .KV = KV, .hd = hd, .C = C,
+                .scale = scale, .keys = kc, .lat = kc ? NULL : lc, .ld = kc ? Dkv : lw,
+                .rk = L->k_rank, .pack = s->kpack, .bias = L->bk, .rope_cos = s->rope_cos,
+                .rope_sin = s->rope_sin};
+            pcs_attn_scores(&sc, s->n_threads);
+            softmax_heads(s->hatt, H, S, C, P, c->sliding_window, s->n_threads);
+            const PcsAttnWeighted wv = {
+                .out = vc ? xb : s->lat, .ldo = vc ? hd : rv, .a = s->hatt, .lda = S,
+                .b = vc ? vc : lc + voff, .ldb = vc ? Dkv : lw, .bstep = vc ? hd : 0, .M = H,
+                .N = vc ? hd : rv, .C = C, .G = vc ? G : H};
+            pcs_attn_weighted(&wv, s->n_threads);
+            for (size_t g = 0; !vc && g < KV; g++) { /* small: this thread */
+                float *og = xb + g * G * hd; /* (G, hd) */
+                pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsTrans, (pcs_blasint)G,
+                                (pcs_blasint)hd, (pcs_blasint)rv, 1.0f, s->lat + g * G * rv,
+                                (pcs_blasint)rv, L->v_up + g * hd * rv, (pcs_blasint)rv, 0.0f, og,
+                                (pcs_blasint)hd);
+                add_bias(og, hd, L->bv ? L->bv + g * hd : NULL, G, hd);
+            }
+        } else if (T == 1 && !kq) {
+            /* decode on OpenBLAS: per key/value head g, its G query heads'
+             * scores (G, C) in one product, then their outputs (G, hd) in
+             * one more: the keys and values (or latents) are read once per
+             * head group. A latent K's keys are rebuilt KEY_BLOCK positions
+             * at a time, each block scored while it is in cache; a latent
+             * V's up-projection is absorbed as above. */
             const size_t nb = kc ? C : KEY_BLOCK;
             for (size_t j0 = 0; j0 < C; j0 += nb) {
                 const size_t n = min_sz(nb, C - j0);
@@ -662,8 +751,7 @@ static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig 
                                     (pcs_blasint)hd, keys + j0 * Dkv + g * hd, (pcs_blasint)Dkv,
                                     0.0f, s->hatt + g * G * S + j0, (pcs_blasint)S);
             }
-            for (size_t h = 0; h < H; h++)
-                softmax_causal(s->hatt + h * S, 1, C, P, c->sliding_window);
+            softmax_heads(s->hatt, H, S, C, P, c->sliding_window, 1);
             if (!vc) /* every head attends over the same latent: u (H, rv) = att c_V */
                 pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsNoTrans, (pcs_blasint)H,
                                 (pcs_blasint)rv, (pcs_blasint)C, 1.0f, s->hatt, (pcs_blasint)S,
@@ -720,7 +808,7 @@ static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig 
                     pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsNoTrans, (pcs_blasint)T,
                                     (pcs_blasint)rv, (pcs_blasint)C, 1.0f, att, (pcs_blasint)C,
                                     lc + voff, (pcs_blasint)lw, 0.0f, s->lat, (pcs_blasint)rv);
-                    matmul_f32(oh, Dq, s->lat, rv, L->v_up + g * hd * rv, T, rv, hd, 0.0f);
+                    matmul_f32(oh, Dq, s->lat, rv, L->v_up + g * hd * rv, T, rv, hd, 0.0f, s);
                     add_bias(oh, Dq, L->bv ? L->bv + g * hd : NULL, T, hd);
                 }
             }
@@ -748,6 +836,8 @@ static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig 
         rmsnorm_forward(xb, x + (T - 1) * D, w->final_norm, 1, D, c->rms_eps);
         matmul_forward(logits, V, xb, D, w->lm_head, 1, D, V, 0.0f, s);
     }
+    if (s->on_pool)
+        pcs_blas_threads_on(s->n_threads);
 }
 
 int pcs_llama_forward(float *logits, PcsLlamaState *s, const PcsLlamaConfig *c,

@@ -1870,6 +1870,26 @@ static PyObject *bf16_kernel(PyObject *module, PyObject *unused)
     return PyUnicode_FromString(pcs_bf16_kernel());
 }
 
+PyDoc_STRVAR(attn_kernel_doc, "attn_kernel(name=None, /)\n--\n\n"
+"What decode's attention scores run on: 'avx2+fma' (pcasurgery's own kernel:\n"
+"keys rebuilt from a latent, rotated and scored in cache; head sizes a\n"
+"multiple of 16) or 'blas' (OpenBLAS products). name 'blas' or 'auto' sets it\n"
+"first (PCASURGERY_ATTN_KERNEL=blas does at import); both compute the same\n"
+"function, summed in a different order.");
+
+static PyObject *attn_kernel(PyObject *module, PyObject *args)
+{
+    const char *name = NULL;
+    if (!PyArg_ParseTuple(args, "|z:attn_kernel", &name))
+        return NULL;
+    if (name && pcs_attn_set_kernel(name) != PCS_OK) {
+        PyErr_Format(PyExc_ValueError, "attn_kernel: name must be 'blas' or 'auto', got '%s'",
+                     name);
+        return NULL;
+    }
+    return PyUnicode_FromString(pcs_attn_kernel());
+}
+
 static PyObject *blas_library(PyObject *module, PyObject *unused)
 {
     const char *path = pcs_blas_library();
@@ -1901,6 +1921,7 @@ static PyMethodDef methods[] = {
     {"blas_library", blas_library, METH_NOARGS,
      "blas_library($module, /)\n--\n\nPath of the shared library that provides our BLAS."},
     {"bf16_kernel", bf16_kernel, METH_NOARGS, bf16_kernel_doc},
+    {"attn_kernel", attn_kernel, METH_VARARGS, attn_kernel_doc},
     {"bf16_nonfinite", bf16_nonfinite, METH_O, bf16_nonfinite_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -171,6 +171,11 @@ typedef struct {
 typedef struct {
     size_t max_batch;  /* B */
     size_t n_cached;   /* positions 0..n_cached-1 of the cache are valid */
+    /* set per chunk: a decode step runs all of its parallel work on
+     * pcasurgery's threads (pool.c: gemv, attention in attn.c) and none on
+     * OpenBLAS's (pcs_blas_threads_off) */
+    int on_pool;
+    int n_threads;     /* the chunk's thread count (OpenBLAS's at its start) */
     float *x;          /* (B, D) residual stream */
     float *xb;         /* (B, max(D, Dq)) normed input, attention output */
     float *q;          /* (B, Dq) */
@@ -185,6 +190,8 @@ typedef struct {
     float **k_cache, **v_cache, **l_cache;
     size_t *l_width;
     float *kbuf;       /* (S, Dkv) keys rebuilt from latents (a latent K layer) */
+    float *kpack;      /* (kpack_rank, Dkv) a layer's k_up packed for attn.c, or NULL */
+    size_t kpack_rank; /* the largest k_rank of a latent K layer */
     float *hatt;       /* (H, S) decode: every head's attention weights */
     float *qlat;       /* (B, D + 1) latent of a factored Q */
     void *cache_block;
@@ -297,9 +304,64 @@ const char *pcs_bf16_kernel(void);
  * (convert.c). */
 size_t pcs_bf16_first_nonfinite(const unsigned short *src, size_t n);
 
-/* ---- threads (core.c): our OpenBLAS's own pool */
+/* ---- decode's attention scores (attn.c) */
+enum { PCS_ATTN_MAX_HD = 256 };
+/* att[h * lda + j] = scale * q_h . k_{h / G, j} for heads h < H and
+ * positions j < C. Keys: dense, keys + j * ld (Dkv, already rotated); or,
+ * lat set, rebuilt: rope_j(k_up c_j + bias), c_j = lat + j * ld (rk
+ * floats), k_up given as pack (pcs_attn_pack), rope tables (S, hd/2). */
+typedef struct {
+    float *att;
+    size_t lda;
+    const float *q; /* (H, hd), rotated */
+    size_t H, KV, hd, C;
+    float scale;
+    const float *keys, *lat;
+    size_t ld, rk;
+    const float *pack, *bias, *rope_cos, *rope_sin;
+} PcsAttnScores;
+/* Whether pcs_attn_scores runs here for head size hd (AVX2+FMA, hd a
+ * multiple of 16 up to PCS_ATTN_MAX_HD, PCASURGERY_ATTN_KERNEL not "blas"). */
+int pcs_attn_supported(size_t hd);
+/* "avx2+fma" or "blas": what decode's attention scores run on */
+const char *pcs_attn_kernel(void);
+/* "blas": use the BLAS path from now on; "auto" or NULL: the kernel where
+ * the CPU has it. PCS_ERR_ARG for any other name. The first call of
+ * pcs_attn_supported reads PCASURGERY_ATTN_KERNEL when this was not called. */
+int pcs_attn_set_kernel(const char *name);
+/* pack (Dkv / 16, rk, 16) = k_up (Dkv, rk) in 16-row panels, transposed */
+void pcs_attn_pack(float *pack, const float *k_up, size_t Dkv, size_t rk);
+/* The scores, split over up to n_threads threads (pool.c); only where
+ * pcs_attn_supported(hd). */
+void pcs_attn_scores(const PcsAttnScores *a, int n_threads);
+/* out (M, N) row stride ldo = a (M, C) row stride lda times b_g (C, N) row
+ * stride ldb, where row r of a belongs to group g = r / G (G divides M) and
+ * b_g = b + g * bstep: the attention weights of decode times the values
+ * (G heads per KV group, bstep hd) or times the latents (G = M, bstep 0).
+ * Tiles of rows and 16 columns split over up to n_threads threads; only
+ * where pcs_attn_supported. */
+typedef struct {
+    float *out;
+    size_t ldo;
+    const float *a;
+    size_t lda;
+    const float *b;
+    size_t ldb, bstep;
+    size_t M, N, C, G;
+} PcsAttnWeighted;
+void pcs_attn_weighted(const PcsAttnWeighted *a, int n_threads);
+
+/* ---- threads (core.c): OpenBLAS's count, which pool.c's jobs follow */
 void pcs_set_num_threads(int n);
 int pcs_get_num_threads(void);
+/* OpenBLAS's own threads off (its count set to 1; the count before is
+ * returned, for pcs_blas_threads_on) for a decode step that runs its
+ * parallel work on pool.c's threads and calls OpenBLAS single-threaded from
+ * each: OpenBLAS's idle workers spin, and would share the cores with
+ * pool.c's. Process-wide: meanwhile a concurrent caller's OpenBLAS products
+ * run single-threaded (slower, not different) and get_num_threads reads 1. */
+int pcs_blas_threads_off(void);
+void pcs_blas_threads_on(int n);
 const char *pcs_blas_config(void);
 const char *pcs_blas_library(void); /* path of the loaded BLAS, or NULL */
 

@@ -24,10 +24,10 @@ N_CTX = N_PREFILL + N_DECODE
 
 
 def random_model(heads: int, kv_heads: int, seed: int = 0, bias: bool = False,
-                 window: int = 0) -> LlamaModel:
+                 window: int = 0, hidden: int = 64) -> LlamaModel:
     """A small float32 model with random weights (std large enough that its
-    distributions are peaked), GQA heads:kv_heads."""
-    c = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+    distributions are peaked), GQA heads:kv_heads, head size hidden / heads."""
+    c = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=3,
                     num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=200,
                     max_position_embeddings=N_CTX, qkv_bias=bias, sliding_window=window,
                     architecture="Qwen2ForCausalLM" if bias else "LlamaForCausalLM")

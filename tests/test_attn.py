@@ -1,0 +1,127 @@
+"""Decode on pcasurgery's own threads (csrc/attn.c, llama.c's on_pool
+step): the scores (latent keys rebuilt, rotated and scored in L1), the
+softmax, the values (or the latents' absorbed up-projection) and the gemv
+row ranges all run on pool.c's threads, OpenBLAS single-threaded meanwhile.
+The step must compute what the OpenBLAS path computes (attn_kernel("blas")):
+same function, summed in another order, for every head size the kernel
+takes, GQA ratio, bias, window, latent layout and context length (blocks of
+24 and 8 positions with their short tails); and OpenBLAS's thread count must
+come back."""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+from test_latent import random_model
+
+from pcasurgery import _C, LlamaModel, blas_library, get_num_threads, set_num_threads
+from pcasurgery.surgery import Surgery
+
+pytestmark = pytest.mark.skipif(_C.attn_kernel() != "avx2+fma",
+                                reason="this CPU has no AVX2+FMA: decode stays on OpenBLAS")
+
+
+@pytest.fixture(autouse=True)
+def auto_kernel():
+    yield
+    _C.attn_kernel("auto")
+
+
+def steps(m: LlamaModel, toks: np.ndarray, n_prefill: int) -> np.ndarray:
+    """Logits of a prefill of n_prefill tokens, then one decode step per
+    remaining token (contexts n_prefill + 1 .. len(toks))."""
+    rt = m._rt
+    rt.reset()
+    out = [rt.forward(toks[:n_prefill], 0, False)[None]]
+    for i in range(n_prefill, len(toks)):
+        out.append(rt.forward(toks[i:i + 1], i, False)[None])
+    return np.vstack(out)
+
+
+def both_kernels(m: LlamaModel, toks: np.ndarray, n_prefill: int):
+    _C.attn_kernel("blas")
+    ref = steps(m, toks, n_prefill)
+    assert _C.attn_kernel("auto") == "avx2+fma"
+    return ref, steps(m, toks, n_prefill)
+
+
+def latent_both_kernels(m: LlamaModel, s: Surgery, toks: np.ndarray, n_prefill: int, **setting):
+    """both_kernels with s's setting applied factored; the model restored."""
+    s.apply(**setting, factored=True)
+    try:
+        return both_kernels(m, toks, n_prefill)
+    finally:
+        s.restore()
+
+
+def assert_close(ref, got):
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+# (hidden, heads, kv heads): head sizes 16, 32, 48, 64; GQA 1, 2, 4, 8
+SHAPES = [(64, 4, 4), (128, 4, 2), (96, 2, 1), (256, 4, 1), (128, 8, 1)]
+
+
+@pytest.mark.parametrize("hidden,heads,kv", SHAPES)
+def test_dense_decode_matches_the_blas_path(hidden, heads, kv):
+    m = random_model(heads, kv, seed=hidden + heads, hidden=hidden)
+    toks = np.random.default_rng(1).integers(0, m.config.vocab_size, 120)
+    for n_prefill in (1, 70):  # contexts 2.. (shorter than a block) and 71..120
+        ref, got = both_kernels(m, toks, n_prefill)
+        assert_close(ref, got)
+
+
+@pytest.mark.parametrize("hidden,heads,kv", SHAPES)
+@pytest.mark.parametrize("mode,proj", [("shared-kv", "k,v"), ("separate", "k,v"),
+                                       ("separate", "k"), ("separate", "v")])
+def test_latent_decode_matches_the_blas_path(hidden, heads, kv, mode, proj):
+    m = random_model(heads, kv, seed=hidden + kv, hidden=hidden)
+    toks = np.random.default_rng(2).integers(0, m.config.vocab_size, 100)
+    assert_close(*latent_both_kernels(m, Surgery(m, mode, proj=proj).fit(), toks, 50, var=0.7))
+
+
+@pytest.mark.parametrize("bias,window", [(True, 0), (False, 30), (True, 30)])
+def test_biases_and_window_match_the_blas_path(bias, window):
+    m = random_model(4, 2, seed=9, bias=bias, window=window, hidden=128)
+    toks = np.random.default_rng(3).integers(0, m.config.vocab_size, 90)
+    ref, got = both_kernels(m, toks, 40)
+    assert_close(ref, got)
+    assert_close(*latent_both_kernels(m, Surgery(m, "shared-kv").fit(), toks, 40, var=0.8))
+
+
+def test_bf16_weights_match_the_blas_path():
+    m0 = random_model(4, 1, seed=11, hidden=128)
+    m = LlamaModel(m0.config, m0.weights, max_batch=64, dtype="bfloat16")
+    toks = np.random.default_rng(4).integers(0, m.config.vocab_size, 80)
+    ref, got = both_kernels(m, toks, 30)
+    assert_close(ref, got)
+
+
+def test_head_sizes_the_kernel_does_not_take_stay_on_blas():
+    """Head size 8 (stories260K's): no kernel; the step is the BLAS path's,
+    bit for bit, whichever is asked for."""
+    m = random_model(8, 2, seed=5)  # hidden 64 / 8 heads
+    toks = np.random.default_rng(5).integers(0, m.config.vocab_size, 40)
+    ref, got = both_kernels(m, toks, 20)
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_openblas_threads_come_back():
+    lib = ctypes.CDLL(blas_library())
+    get = getattr(lib, "scipy_openblas_get_num_threads", None) or lib.openblas_get_num_threads
+    before = get_num_threads()
+    try:
+        set_num_threads(2)
+        m = random_model(4, 2, seed=6, hidden=128)
+        toks = np.random.default_rng(6).integers(0, m.config.vocab_size, 30)
+        steps(m, toks, 10)  # decode steps run with OpenBLAS at 1 thread
+        assert get() == 2 and get_num_threads() == 2
+    finally:
+        set_num_threads(before)
+
+
+def test_attn_kernel_bad_name():
+    with pytest.raises(ValueError, match="name must be 'blas' or 'auto', got 'avx'"):
+        _C.attn_kernel("avx")
+    assert _C.attn_kernel() == "avx2+fma"
