@@ -12,8 +12,12 @@ tokens (the cache holds that many positions, written as zeros: a decode
 step's cost does not depend on the values; the context is raised to 8192 +
 the steps, RoPE does not care about max_position_embeddings). A latent
 side times the dense model too, alternating with its latent one in the same
-process, and its ratio is against that (the machine's speed drifts between
-processes by a few percent).
+process (--rounds pairs, adjacent in time; the ratio is their median: the
+machine's speed drifts between processes and over minutes), on both decode
+paths: "pool", the default (attention on pcasurgery's threads, keys
+rebuilt, rotated and scored in L1 by csrc/attn.c), and "OpenBLAS" (keys
+rebuilt by sgemm 512 positions at a time, then scored by sgemm), the
+alternative measured; "vs best" divides by the faster dense path.
 
 The arithmetic of the cross-over (printed with this run's measured limits):
 per decode step and layer the latent path rebuilds the keys of every cached
@@ -23,9 +27,13 @@ smaller projection weights (r x D + 2 kv_dim x r floats instead of 2 kv_dim
 x D) whatever the context. Rebuilding costs C x kv_dim x r x 2 / F seconds,
 the smaller cache saves C x (2 kv_dim - r) x 4 / B and the smaller weights a
 fixed W / B (F: sgemm FLOP/s, B: read bandwidth): the latent path is faster
-while C < C* = (W / B) / (kv_dim r 2 / F - (2 kv_dim - r) 4 / B).
+while C < C* = (W / B) / (kv_dim r 2 / F - (2 kv_dim - r) 4 / B). The same
+is then measured: the gap between the latent and dense step times, fitted
+as a + b C over the three contexts (b: the rebuild's cost per cached
+position, net of the cache read it saves; C* = -a / b).
 
-Usage: python benchmarks/bench_latent_kv.py [--threads 2] [--workdir DIR] [--decode 8]
+Usage: python benchmarks/bench_latent_kv.py [--threads 2] [--workdir DIR] [--decode 6]
+       [--rounds 3]
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -54,7 +63,7 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def run_side(folder: Path, threads: int, r: int, n_decode: int) -> dict:
+def run_side(folder: Path, threads: int, r: int, n_decode: int, rounds: int) -> dict:
     """One side in its own process: the cache it allocates and the resident
     growth when 8192 positions are written; then, for a latent side, decode
     tok/s of the dense model and of the latent one, alternated (best of
@@ -63,6 +72,7 @@ def run_side(folder: Path, threads: int, r: int, n_decode: int) -> dict:
     import numpy as np
 
     import pcasurgery
+    from pcasurgery import _C
     from pcasurgery.surgery import Surgery
 
     pcasurgery.set_num_threads(threads)
@@ -92,18 +102,32 @@ def run_side(folder: Path, threads: int, r: int, n_decode: int) -> dict:
             rt.forward(tok, ctx + 1 + i, False)
         return n_decode / (time.perf_counter() - t0)
 
+    kernels = ("auto", "blas") if r else ("auto",)
     for ctx in CONTEXTS:
-        best = {"dense": 0.0, "latent": 0.0}
-        for _ in range(2):
-            for side in (("dense", "latent") if s else ("dense",)):
-                if s is not None and side == "dense":
-                    s.restore()
-                elif s is not None:
-                    s.apply(rank=r - 1, factored=True)
-                best[side] = max(best[side], decode(ctx))
-        out[f"tok_s_{ctx}"] = best["latent" if s else "dense"]
+        # rounds of (dense, latent) pairs per attention path, adjacent in time
+        tps = {(k, side): [] for k in kernels for side in ("dense", "latent")}
+        for _ in range(rounds):
+            for k in kernels:
+                _C.attn_kernel(k)
+                for side in (("dense", "latent") if s else ("dense",)):
+                    if s is not None and side == "dense":
+                        s.restore()
+                    elif s is not None:
+                        s.apply(rank=r - 1, factored=True)
+                    tps[k, side].append(decode(ctx))
+        _C.attn_kernel("auto")
+        side = "latent" if s else "dense"
+        out[f"tok_s_{ctx}"] = statistics.median(tps["auto", side])
         if s is not None:
-            out[f"dense_tok_s_{ctx}"] = best["dense"]
+            for k in kernels:
+                out[f"{k}_dense_tok_s_{ctx}"] = statistics.median(tps[k, "dense"])
+                out[f"{k}_latent_tok_s_{ctx}"] = statistics.median(tps[k, "latent"])
+                out[f"{k}_ratio_{ctx}"] = statistics.median(
+                    lat / den for lat, den in zip(tps[k, "latent"], tps[k, "dense"]))
+            # against the faster dense path of each round
+            out[f"best_ratio_{ctx}"] = statistics.median(
+                lat / max(da, db) for lat, da, db in
+                zip(tps["auto", "latent"], tps["auto", "dense"], tps["blas", "dense"]))
     return out
 
 
@@ -130,7 +154,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"),
                                                       "pcasurgery-bench", "tinyllama-random"))
-    ap.add_argument("--decode", type=int, default=8, help="decode steps timed per context")
+    ap.add_argument("--decode", type=int, default=6, help="decode steps timed per context")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="alternated (dense, latent) rounds per context and path")
     ap.add_argument("--side", type=int, help=argparse.SUPPRESS)  # r, 0 = dense
     args = ap.parse_args()
     folder = Path(args.workdir)
@@ -138,7 +164,7 @@ def main() -> None:
         if args.side < 0:
             prepare(folder)
             return
-        print(json.dumps(run_side(folder, args.threads, args.side, args.decode)))
+        print(json.dumps(run_side(folder, args.threads, args.side, args.decode, args.rounds)))
         return
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"threads: {args.threads}")
@@ -148,14 +174,14 @@ def main() -> None:
     for r in (0,) + RANKS:
         out = subprocess.run([sys.executable, __file__, "--side", str(r), "--threads",
                               str(args.threads), "--workdir", str(folder), "--decode",
-                              str(args.decode)], capture_output=True, text=True)
+                              str(args.decode), "--rounds", str(args.rounds)],
+                             capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"r={r} failed:\n{out.stderr[-3000:]}")
         res[r] = json.loads(out.stdout.strip().splitlines()[-1])
     lim = machine_limits(args.threads)
     B = lim["read_gbps"] * 1e9
     print(f"limits: sgemm {lim['sgemm_gflops']:.0f} GFLOP/s (2048^3), read {B / 1e9:.1f} GB/s")
-    dense = res[0]
     print(f"\n{'':14}{'cache MB':>9}{'at 8192':>9}{'RSS +':>8}" +
           "".join(f"{'tok/s @' + str(c):>13}{'x dense':>8}" for c in sorted(CONTEXTS)))
     # x dense: against the dense model decoding in the same process, alternated
@@ -165,12 +191,30 @@ def main() -> None:
         line = (f"{name:14}{x['cache_bytes'] / 1e6:>9.1f}{x['cache_bytes_8192'] / 1e6:>9.1f}"
                 f"{x['rss_after_mb'] - x['rss_before_mb']:>8.0f}")
         for c in sorted(CONTEXTS):
-            ref = x.get(f"dense_tok_s_{c}", dense[f"tok_s_{c}"])
-            line += f"{x[f'tok_s_{c}']:>13.2f}{x[f'tok_s_{c}'] / ref:>8.3f}"
+            ratio = x.get(f"auto_ratio_{c}", 1.0)
+            line += f"{x[f'tok_s_{c}']:>13.2f}{ratio:>8.3f}"
         print(line)
     print("(cache MB: allocated for the whole context; at 8192: its first 8192 positions; "
-          "RSS +: resident growth in MB when those are written; x dense: against the dense "
-          "model decoding in the same process, alternated with the latent one)")
+          "RSS +: resident growth in MB when those are written; x dense: median over rounds "
+          "of latent / dense tok/s, the dense model decoding in the same process, alternated "
+          "with the latent one)")
+    print("\nthe paths measured, latent / dense (medians of the rounds):")
+    print(f"{'':14}" + "".join(f"{'@' + str(c):>26}" for c in sorted(CONTEXTS)))
+    print(f"{'':14}" + "".join(f"{'pool':>9}{'OpenBLAS':>9}{'vs best':>8}"
+                               for _ in sorted(CONTEXTS)))
+    for r in RANKS:
+        x = res[r]
+        print(f"{'latent r=' + str(r):14}" + "".join(
+            f"{x[f'auto_ratio_{c}']:>9.3f}{x[f'blas_ratio_{c}']:>9.3f}{x[f'best_ratio_{c}']:>8.3f}"
+            for c in sorted(CONTEXTS)))
+    x = res[RANKS[1]]
+    print("dense tok/s, pool / OpenBLAS path: " + ", ".join(
+        f"@{c} {x[f'auto_dense_tok_s_{c}']:.2f} / {x[f'blas_dense_tok_s_{c}']:.2f}"
+        for c in sorted(CONTEXTS)) + f" (in r={RANKS[1]}'s process)")
+    print("(pool: decode's attention on pcasurgery's threads, keys rebuilt, rotated and scored "
+          "in L1 (csrc/attn.c), each side against the dense model on the same path; OpenBLAS: "
+          "keys rebuilt by sgemm 512 positions at a time; vs best: the pool latent against "
+          "the faster of the two dense paths in each round)")
     print("\ncross-over (latent faster below C*):")
     for r in RANKS:
         F = rebuild_gflops(args.threads, r) * 1e9
@@ -182,6 +226,20 @@ def main() -> None:
               f"shape) vs reading less cache {LAYERS * (2 * KV_DIM - r) * 4 / B * 1e6:.3f} us; "
               f"weights saved "
               f"{W / 1e6:.0f} MB = {W / B * 1e3:.1f} ms per step -> C* = {cstar:.0f} tokens")
+    print("measured (pool path: the step-time gap latent - dense, fitted as a + b C over the "
+          "contexts):")
+    cs = sorted(CONTEXTS)
+    for r in RANKS:
+        x = res[r]
+        gap = [1 / x[f"auto_latent_tok_s_{c}"] - 1 / x[f"auto_dense_tok_s_{c}"] for c in cs]
+        mc, mg = sum(cs) / len(cs), sum(gap) / len(gap)
+        b = sum((c - mc) * (g - mg) for c, g in zip(cs, gap)) / sum((c - mc) ** 2 for c in cs)
+        a = mg - b * mc
+        cstar = -a / b if b > 0 and a < 0 else (0.0 if a >= 0 else float("inf"))
+        print(f"  r={r}: b = {b * 1e6:.2f} us per cached position and step (its rebuild at "
+              f"{LAYERS * KV_DIM * r * 2 / b / 1e9 if b > 0 else float('nan'):.0f} GFLOP/s, "
+              f"the cache read it saves included), a = {a * 1e3:+.1f} ms -> C* = {cstar:.0f} "
+              f"tokens")
     print(json.dumps({"limits": lim, "sides": res}))
 
 

@@ -43,8 +43,9 @@
 #endif
 
 /* TILE rows x PANEL columns: the FMA kernel's block (12 accumulators);
- * BLOCK positions: what a thread rebuilds and scores at a time (L1) */
-enum { TILE = 6, PANEL = 16, BLOCK = 4 * TILE };
+ * BLOCK positions: what a thread rebuilds and scores at a time (L1);
+ * POS_BLOCK positions: what the weighted sums take at a time (L2) */
+enum { TILE = 6, PANEL = 16, BLOCK = 4 * TILE, POS_BLOCK = 256 };
 
 /* -1: not chosen yet; 0: BLAS; 1: this file's kernel (where the CPU has it) */
 static int use_kernel = -1; /* benign race: every thread computes the same */
@@ -111,10 +112,18 @@ AVX2 static inline float hsum8(__m256 a)
  * b's rows ldb apart: six latents times a packed panel of k_up^T (rk, 16),
  * or six heads' attention weights times 16 columns of V or of the latents. */
 AVX2 static void panel_6x16(float *out, size_t ldo, const float *const a[TILE],
-                            const float *bp, size_t ldb, size_t rk)
+                            const float *bp, size_t ldb, size_t rk, int acc)
 {
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    if (acc) { /* out += the products */
+        c00 = _mm256_loadu_ps(out), c01 = _mm256_loadu_ps(out + 8);
+        c10 = _mm256_loadu_ps(out + ldo), c11 = _mm256_loadu_ps(out + ldo + 8);
+        c20 = _mm256_loadu_ps(out + 2 * ldo), c21 = _mm256_loadu_ps(out + 2 * ldo + 8);
+        c30 = _mm256_loadu_ps(out + 3 * ldo), c31 = _mm256_loadu_ps(out + 3 * ldo + 8);
+        c40 = _mm256_loadu_ps(out + 4 * ldo), c41 = _mm256_loadu_ps(out + 4 * ldo + 8);
+        c50 = _mm256_loadu_ps(out + 5 * ldo), c51 = _mm256_loadu_ps(out + 5 * ldo + 8);
+    }
     const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
 #define PCS_ROW(ai, r0, r1)                          \
     x = _mm256_broadcast_ss(ai + k);                 \
@@ -240,7 +249,7 @@ AVX2 static void scores_range(const PcsAttnScores *a, size_t j0, size_t j1)
                     rows[i] = a->lat + (j + (i0 + i < m ? i0 + i : m - 1)) * a->ld;
                 for (size_t p = 0; p < hd / PANEL; p++)
                     panel_6x16(kt + i0 * hd + p * PANEL, hd, rows,
-                               a->pack + (g * hd / PANEL + p) * a->rk * PANEL, PANEL, a->rk);
+                               a->pack + (g * hd / PANEL + p) * a->rk * PANEL, PANEL, a->rk, 0);
             }
             for (size_t i = 0; i < m; i++) {
                 k[i] = kt + i * hd;
@@ -263,41 +272,52 @@ static void scores_task(void *arg, int id, int n)
         scores_range(a, b0 * BLOCK, j1);
 }
 
-/* One tile of pcs_attn_weighted: rows r0..r0+m-1 (m <= TILE, one group),
- * columns n0..n0+w-1 (w <= PANEL). */
-AVX2 static void weighted_tile(const PcsAttnWeighted *a, size_t r0, size_t m, size_t n0, size_t w)
+/* One tile of pcs_attn_weighted over positions j0..j1-1: rows r0..r0+m-1
+ * (m <= TILE, one group), columns n0..n0+w-1 (w <= PANEL); the first
+ * positions set out, the next ones add to it. */
+AVX2 static void weighted_tile(const PcsAttnWeighted *a, size_t r0, size_t m, size_t n0, size_t w,
+                               size_t j0, size_t j1)
 {
-    const float *b = a->b + r0 / a->G * a->bstep;
+    const float *b = a->b + r0 / a->G * a->bstep + j0 * a->ldb;
+    float *out = a->out + r0 * a->ldo + n0;
     if (w == PANEL) {
         const float *rows[TILE];
         for (size_t i = 0; i < TILE; i++)
-            rows[i] = a->a + (r0 + (i < m ? i : m - 1)) * a->lda;
-        float t[TILE * PANEL];
-        panel_6x16(t, PANEL, rows, b + n0, a->ldb, a->C);
+            rows[i] = a->a + (r0 + (i < m ? i : m - 1)) * a->lda + j0;
+        float t[TILE * PANEL]; /* the tile, its rows past m unused */
+        for (size_t i = 0; i < m && j0 > 0; i++)
+            memcpy(t + i * PANEL, out + i * a->ldo, PANEL * sizeof(float));
+        panel_6x16(t, PANEL, rows, b + n0, a->ldb, j1 - j0, j0 > 0);
         for (size_t i = 0; i < m; i++)
-            memcpy(a->out + (r0 + i) * a->ldo + n0, t + i * PANEL, PANEL * sizeof(float));
+            memcpy(out + i * a->ldo, t + i * PANEL, PANEL * sizeof(float));
         return;
     }
     for (size_t i = 0; i < m; i++) /* the last columns, fewer than a panel */
-        for (size_t c = n0; c < n0 + w; c++) {
+        for (size_t c = 0; c < w; c++) {
             const float *ai = a->a + (r0 + i) * a->lda;
-            float s = 0.0f;
-            for (size_t j = 0; j < a->C; j++)
-                s += ai[j] * b[j * a->ldb + c];
-            a->out[(r0 + i) * a->ldo + c] = s;
+            float s = j0 > 0 ? out[i * a->ldo + c] : 0.0f;
+            for (size_t j = j0; j < j1; j++)
+                s += ai[j] * b[(j - j0) * a->ldb + n0 + c];
+            out[i * a->ldo + c] = s;
         }
 }
 
+/* A thread's tiles, POS_BLOCK positions at a time: a block's rows of b are
+ * read from memory by its first tile and from cache by the others. */
 static void weighted_task(void *arg, int id, int n)
 {
     const PcsAttnWeighted *a = arg;
     const size_t rt = (a->G + TILE - 1) / TILE, ct = (a->N + PANEL - 1) / PANEL;
     const size_t tiles = a->M / a->G * rt * ct;
-    for (size_t t = tiles * (size_t)id / (size_t)n; t < tiles * (size_t)(id + 1) / (size_t)n; t++) {
-        const size_t g = t / (rt * ct), r = t / ct % rt, cp = t % ct;
-        const size_t r0 = g * a->G + r * TILE, n0 = cp * PANEL;
-        weighted_tile(a, r0, a->G - r * TILE < TILE ? a->G - r * TILE : TILE, n0,
-                      a->N - n0 < PANEL ? a->N - n0 : PANEL);
+    const size_t t0 = tiles * (size_t)id / (size_t)n, t1 = tiles * (size_t)(id + 1) / (size_t)n;
+    for (size_t j0 = 0; j0 < a->C; j0 += POS_BLOCK) {
+        const size_t j1 = a->C - j0 < POS_BLOCK ? a->C : j0 + POS_BLOCK;
+        for (size_t t = t0; t < t1; t++) {
+            const size_t g = t / (rt * ct), r = t / ct % rt, cp = t % ct;
+            const size_t r0 = g * a->G + r * TILE, n0 = cp * PANEL;
+            weighted_tile(a, r0, a->G - r * TILE < TILE ? a->G - r * TILE : TILE, n0,
+                          a->N - n0 < PANEL ? a->N - n0 : PANEL, j0, j1);
+        }
     }
 }
 #endif

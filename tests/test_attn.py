@@ -81,6 +81,17 @@ def test_latent_decode_matches_the_blas_path(hidden, heads, kv, mode, proj):
     assert_close(*latent_both_kernels(m, Surgery(m, mode, proj=proj).fit(), toks, 50, var=0.7))
 
 
+@pytest.mark.parametrize("hidden,heads,kv", [(128, 8, 1), (256, 4, 1)])
+def test_long_contexts_match_the_blas_path(hidden, heads, kv):
+    """Contexts past 256 and 512 positions: the weighted sums run 256
+    positions at a time, adding each block to the last."""
+    m = random_model(heads, kv, seed=7, hidden=hidden)
+    toks = np.random.default_rng(8).integers(0, m.config.vocab_size, 560)
+    ref, got = both_kernels(m, toks, 500)
+    assert_close(ref, got)
+    assert_close(*latent_both_kernels(m, Surgery(m, "shared-kv").fit(), toks, 500, var=0.7))
+
+
 @pytest.mark.parametrize("bias,window", [(True, 0), (False, 30), (True, 30)])
 def test_biases_and_window_match_the_blas_path(bias, window):
     m = random_model(4, 2, seed=9, bias=bias, window=window, hidden=128)
