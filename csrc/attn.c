@@ -341,11 +341,12 @@ void pcs_attn_weighted(const PcsAttnWeighted *a, int n_threads)
 void pcs_attn_scores(const PcsAttnScores *a, int n_threads)
 {
 #ifdef PCS_X86
-    /* a thread per ~8 blocks at least: a wake-up costs more than a few */
+    /* two blocks a thread at least (a latent block is ~20 us of work, a
+     * wake-up ~10 us) */
     const size_t blocks = (a->C + BLOCK - 1) / BLOCK;
     size_t n = n_threads > 1 ? (size_t)n_threads : 1;
-    if (n > blocks / 8)
-        n = blocks / 8 ? blocks / 8 : 1;
+    if (n > blocks / 2)
+        n = blocks / 2 ? blocks / 2 : 1;
     pcs_parallel(scores_task, (void *)a, (int)n);
 #else
     (void)a;
