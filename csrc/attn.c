@@ -47,8 +47,9 @@
  * POS_BLOCK positions: what the weighted sums take at a time (L2) */
 enum { TILE = 6, PANEL = 16, BLOCK = 4 * TILE, POS_BLOCK = 256 };
 
-/* -1: not chosen yet; 0: BLAS; 1: this file's kernel (where the CPU has it) */
-static int use_kernel = -1; /* benign race: every thread computes the same */
+/* -1: not chosen yet; 0: BLAS; 1: this file's kernel (where the CPU has it);
+ * atomic: attn_kernel() may set it while another thread decodes */
+static int use_kernel = -1;
 
 static int cpu_has_kernel(void)
 {
@@ -63,9 +64,9 @@ static int cpu_has_kernel(void)
 int pcs_attn_set_kernel(const char *name)
 {
     if (name && strcmp(name, "blas") == 0)
-        use_kernel = 0;
+        __atomic_store_n(&use_kernel, 0, __ATOMIC_RELAXED);
     else if (!name || strcmp(name, "auto") == 0)
-        use_kernel = cpu_has_kernel();
+        __atomic_store_n(&use_kernel, cpu_has_kernel(), __ATOMIC_RELAXED);
     else
         return PCS_ERR_ARG;
     return PCS_OK;
@@ -73,12 +74,12 @@ int pcs_attn_set_kernel(const char *name)
 
 int pcs_attn_supported(size_t hd)
 {
-    if (use_kernel < 0)
-        pcs_attn_set_kernel(getenv("PCASURGERY_ATTN_KERNEL") &&
-                                    strcmp(getenv("PCASURGERY_ATTN_KERNEL"), "blas") == 0
-                                ? "blas"
-                                : "auto");
-    return use_kernel && hd % PANEL == 0 && hd >= PANEL && hd <= PCS_ATTN_MAX_HD;
+    if (__atomic_load_n(&use_kernel, __ATOMIC_RELAXED) < 0) {
+        const char *env = getenv("PCASURGERY_ATTN_KERNEL");
+        pcs_attn_set_kernel(env && strcmp(env, "blas") == 0 ? "blas" : "auto");
+    }
+    return __atomic_load_n(&use_kernel, __ATOMIC_RELAXED) && hd % PANEL == 0 && hd >= PANEL &&
+           hd <= PCS_ATTN_MAX_HD;
 }
 
 const char *pcs_attn_kernel(void)

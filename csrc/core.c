@@ -1,7 +1,9 @@
 /* core.c: what every part of the C core shares: status strings and the
- * thread count of pcasurgery's own OpenBLAS. */
+ * thread count of pcasurgery's own OpenBLAS (and its decode steps with
+ * OpenBLAS's threads off). */
 #define _GNU_SOURCE /* dladdr */
 #include <dlfcn.h>
+#include <pthread.h>
 
 #include "blas.h"
 #include "pcasurgery.h"
@@ -21,22 +23,53 @@ const char *pcs_status_str(int status)
     }
 }
 
-void pcs_set_num_threads(int n) { pcs_openblas_set_num_threads(n); }
-int pcs_get_num_threads(void) { return pcs_openblas_get_num_threads(); }
+/* Decode steps that turned OpenBLAS's threads off (pcs_blas_threads_off),
+ * possibly several at once in different threads: the first saves the
+ * count, the last puts it back; meanwhile the saved count is the one that
+ * get/set see. */
+static pthread_mutex_t threads_mu = PTHREAD_MUTEX_INITIALIZER;
+static int threads_off;   /* steps running with OpenBLAS at 1 thread */
+static int threads_saved; /* OpenBLAS's count to put back */
 
-int pcs_blas_threads_off(void)
+void pcs_set_num_threads(int n)
 {
-    const int n = pcs_openblas_get_num_threads();
-    if (n != 1)
-        pcs_openblas_set_num_threads(1);
+    pthread_mutex_lock(&threads_mu);
+    if (threads_off)
+        threads_saved = n; /* taken when the last step ends */
+    else
+        pcs_openblas_set_num_threads(n);
+    pthread_mutex_unlock(&threads_mu);
+}
+
+int pcs_get_num_threads(void)
+{
+    pthread_mutex_lock(&threads_mu);
+    const int n = threads_off ? threads_saved : pcs_openblas_get_num_threads();
+    pthread_mutex_unlock(&threads_mu);
     return n;
 }
 
-void pcs_blas_threads_on(int n)
+int pcs_blas_threads_off(void)
 {
-    if (n != 1)
-        pcs_openblas_set_num_threads(n);
+    pthread_mutex_lock(&threads_mu);
+    if (threads_off++ == 0) {
+        threads_saved = pcs_openblas_get_num_threads();
+        if (threads_saved != 1)
+            pcs_openblas_set_num_threads(1);
+    }
+    const int n = threads_saved;
+    pthread_mutex_unlock(&threads_mu);
+    return n;
 }
+
+void pcs_blas_threads_on(void)
+{
+    pthread_mutex_lock(&threads_mu);
+    if (--threads_off == 0 && threads_saved != 1)
+        pcs_openblas_set_num_threads(threads_saved);
+    pthread_mutex_unlock(&threads_mu);
+}
+
 const char *pcs_blas_config(void) { return pcs_openblas_get_config(); }
 
 const char *pcs_blas_library(void)

@@ -837,7 +837,7 @@ static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig 
         matmul_forward(logits, V, xb, D, w->lm_head, 1, D, V, 0.0f, s);
     }
     if (s->on_pool)
-        pcs_blas_threads_on(s->n_threads);
+        pcs_blas_threads_on();
 }
 
 int pcs_llama_forward(float *logits, PcsLlamaState *s, const PcsLlamaConfig *c,

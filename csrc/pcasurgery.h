@@ -354,14 +354,16 @@ void pcs_attn_weighted(const PcsAttnWeighted *a, int n_threads);
 /* ---- threads (core.c): OpenBLAS's count, which pool.c's jobs follow */
 void pcs_set_num_threads(int n);
 int pcs_get_num_threads(void);
-/* OpenBLAS's own threads off (its count set to 1; the count before is
- * returned, for pcs_blas_threads_on) for a decode step that runs its
+/* OpenBLAS's own threads off (its count 1) for a decode step that runs its
  * parallel work on pool.c's threads and calls OpenBLAS single-threaded from
  * each: OpenBLAS's idle workers spin, and would share the cores with
- * pool.c's. Process-wide: meanwhile a concurrent caller's OpenBLAS products
- * run single-threaded (slower, not different) and get_num_threads reads 1. */
+ * pool.c's. Returns the count the step may use (the one before). Steps in
+ * several threads nest: the last one's _on puts the count back, and
+ * meanwhile get/set_num_threads read and set that saved count. Another
+ * caller's OpenBLAS products run single-threaded during a step (slower,
+ * not different). */
 int pcs_blas_threads_off(void);
-void pcs_blas_threads_on(int n);
+void pcs_blas_threads_on(void);
 const char *pcs_blas_config(void);
 const char *pcs_blas_library(void); /* path of the loaded BLAS, or NULL */
 

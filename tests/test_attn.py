@@ -132,6 +132,47 @@ def test_openblas_threads_come_back():
         set_num_threads(before)
 
 
+def test_openblas_threads_come_back_after_concurrent_decodes():
+    """Decode steps in several threads at once nest: the count that comes
+    back is the one before the first, and set_num_threads during them
+    wins."""
+    import threading
+
+    lib = ctypes.CDLL(blas_library())
+    get = getattr(lib, "scipy_openblas_get_num_threads", None) or lib.openblas_get_num_threads
+    before = get_num_threads()
+    models = [random_model(4, 2, seed=20 + i, hidden=128) for i in range(3)]
+    toks = np.random.default_rng(9).integers(0, 200, 60)
+    errors = []
+
+    def decode(m):
+        try:
+            for _ in range(3):
+                steps(m, toks, 5)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    try:
+        for want in (2, 1, 2):
+            set_num_threads(want)
+            threads = [threading.Thread(target=decode, args=(m,)) for m in models]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert not errors
+            assert get() == want and get_num_threads() == want
+        threads = [threading.Thread(target=decode, args=(m,)) for m in models]
+        for t in threads:
+            t.start()
+        set_num_threads(1)  # while they decode
+        for t in threads:
+            t.join()
+        assert get() == 1 and get_num_threads() == 1
+    finally:
+        set_num_threads(before)
+
+
 def test_attn_kernel_bad_name():
     with pytest.raises(ValueError, match="name must be 'blas' or 'auto', got 'avx'"):
         _C.attn_kernel("avx")
