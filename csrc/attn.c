@@ -36,11 +36,7 @@
 #include <string.h>
 
 #include "pcasurgery.h"
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define PCS_X86 1
-#endif
+#include "simd.h"
 
 /* TILE rows x PANEL columns: the FMA kernel's block (12 accumulators);
  * BLOCK positions: what a thread rebuilds and scores at a time (L1);
@@ -101,14 +97,6 @@ void pcs_attn_pack(float *pack, const float *k_up, size_t Dkv, size_t rk)
 #ifdef PCS_X86
 #define AVX2 __attribute__((target("avx2,fma")))
 
-AVX2 static inline float hsum8(__m256 a)
-{
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-    return _mm_cvtss_f32(s4);
-}
-
 /* out rows i (TILE, PANEL), row stride ldo, = sum_k a[i][k] * b[k][0:16],
  * b's rows ldb apart: six latents times a packed panel of k_up^T (rk, 16),
  * or six heads' attention weights times 16 columns of V or of the latents. */
@@ -164,12 +152,7 @@ AVX2 static void bias_rope(float *k, const float *bias, const float *cs, const f
     if (bias)
         for (size_t i = 0; i < hd; i += 8)
             _mm256_storeu_ps(k + i, _mm256_add_ps(_mm256_loadu_ps(k + i), _mm256_loadu_ps(bias + i)));
-    for (size_t i = 0; i < half; i += 8) {
-        const __m256 a = _mm256_loadu_ps(k + i), b = _mm256_loadu_ps(k + half + i);
-        const __m256 c = _mm256_loadu_ps(cs + i), s = _mm256_loadu_ps(sn + i);
-        _mm256_storeu_ps(k + i, _mm256_sub_ps(_mm256_mul_ps(a, c), _mm256_mul_ps(b, s)));
-        _mm256_storeu_ps(k + half + i, _mm256_add_ps(_mm256_mul_ps(b, c), _mm256_mul_ps(a, s)));
-    }
+    pcs_rope_avx2(k, cs, sn, half); /* half % 8 == 0: hd is a multiple of 16 */
 }
 
 /* att[h * lda + j] = scale * q_h . k for the G heads q (G, hd) of one group
@@ -185,7 +168,7 @@ AVX2 static void score_key(float *att, size_t lda, size_t j, const float *q, siz
             s0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(k + i), s0);
             s1 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i + 8), _mm256_loadu_ps(k + i + 8), s1);
         }
-        att[h * lda + j] = scale * hsum8(_mm256_add_ps(s0, s1));
+        att[h * lda + j] = scale * pcs_hsum8(_mm256_add_ps(s0, s1));
     }
 }
 

@@ -31,10 +31,7 @@
 #define VECTORISE
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define PCS_X86 1
-#endif
+#include "simd.h"
 
 static inline float bf16_value(uint16_t h)
 {
@@ -90,14 +87,6 @@ __attribute__((target("avx2,fma"))) static inline __m256 widen8(const uint16_t *
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-__attribute__((target("avx2,fma"))) static inline float hsum8(__m256 a)
-{
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-    return _mm_cvtss_f32(s4);
-}
-
 __attribute__((target("avx2,fma"))) static float dot_avx2(const uint16_t *w, const float *x,
                                                           size_t n)
 {
@@ -111,7 +100,7 @@ __attribute__((target("avx2,fma"))) static float dot_avx2(const uint16_t *w, con
         a = _mm256_fmadd_ps(widen8(w + i), _mm256_loadu_ps(x + i), a);
         i += 8;
     }
-    return dot_tail(hsum8(_mm256_add_ps(a, b)), w, x, i, n);
+    return dot_tail(pcs_hsum8(_mm256_add_ps(a, b)), w, x, i, n);
 }
 
 __attribute__((target("avx2,fma"))) static void dot4_avx2(float *out, const uint16_t *w,
@@ -148,10 +137,10 @@ __attribute__((target("avx2,fma"))) static void dot4_avx2(float *out, const uint
         a3 = _mm256_fmadd_ps(widen8(w3 + i), x0, a3);
         i += 8;
     }
-    out[0] = dot_tail(hsum8(_mm256_add_ps(a0, b0)), w0, x, i, n);
-    out[1] = dot_tail(hsum8(_mm256_add_ps(a1, b1)), w1, x, i, n);
-    out[2] = dot_tail(hsum8(_mm256_add_ps(a2, b2)), w2, x, i, n);
-    out[3] = dot_tail(hsum8(_mm256_add_ps(a3, b3)), w3, x, i, n);
+    out[0] = dot_tail(pcs_hsum8(_mm256_add_ps(a0, b0)), w0, x, i, n);
+    out[1] = dot_tail(pcs_hsum8(_mm256_add_ps(a1, b1)), w1, x, i, n);
+    out[2] = dot_tail(pcs_hsum8(_mm256_add_ps(a2, b2)), w2, x, i, n);
+    out[3] = dot_tail(pcs_hsum8(_mm256_add_ps(a3, b3)), w3, x, i, n);
 }
 
 __attribute__((target("avx512f"))) static inline __m512 widen16(const uint16_t *w)
@@ -273,14 +262,8 @@ typedef struct {
 static void gemv_task(void *arg, int id, int n)
 {
     const GemvJob *j = arg;
-    /* contiguous row ranges, 8-row aligned so threads do not share lines of out */
-    size_t per = (j->n_out + (size_t)n - 1) / (size_t)n;
-    per = (per + 7) / 8 * 8;
-    size_t lo = (size_t)id * per, hi = lo + per;
-    if (lo > j->n_out)
-        lo = j->n_out;
-    if (hi > j->n_out)
-        hi = j->n_out;
+    size_t lo, hi;
+    pcs_thread_rows(j->n_out, id, n, &lo, &hi);
     float d[4];
     size_t r = lo;
     for (; r + 4 <= hi; r += 4) {

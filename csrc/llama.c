@@ -25,6 +25,7 @@
 
 #include "blas.h"
 #include "pcasurgery.h"
+#include "simd.h"
 
 static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
 static size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
@@ -372,14 +373,13 @@ typedef struct {
     float beta;
 } GemvJob;
 
-/* A contiguous range of W's rows (8-row aligned: threads share no line of
- * out), through OpenBLAS's single-threaded sgemv. */
+/* A thread's range of W's rows (pcs_thread_rows), through OpenBLAS's
+ * single-threaded sgemv. */
 static void gemv_task(void *arg, int id, int n)
 {
     const GemvJob *j = arg;
-    size_t per = (j->n_out + (size_t)n - 1) / (size_t)n;
-    per = (per + 7) / 8 * 8;
-    const size_t lo = min_sz((size_t)id * per, j->n_out), hi = min_sz(lo + per, j->n_out);
+    size_t lo, hi;
+    pcs_thread_rows(j->n_out, id, n, &lo, &hi);
     if (hi > lo)
         pcs_cblas_sgemv(PcsRowMajor, PcsNoTrans, (pcs_blasint)(hi - lo), (pcs_blasint)j->n_in,
                         1.0f, j->W + lo * j->n_in, (pcs_blasint)j->n_in, j->x, 1, j->beta,
@@ -441,19 +441,11 @@ static void rope_head(float *u, const float *cs, const float *sn, size_t half)
     rope_pairs(u, cs, sn, half, 0);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
+#ifdef PCS_X86
 __attribute__((target("avx2"))) static void rope_head_avx2(float *u, const float *cs,
                                                            const float *sn, size_t half)
 {
-    size_t i = 0;
-    for (; i + 8 <= half; i += 8) {
-        const __m256 a = _mm256_loadu_ps(u + i), b = _mm256_loadu_ps(u + half + i);
-        const __m256 c = _mm256_loadu_ps(cs + i), s = _mm256_loadu_ps(sn + i);
-        _mm256_storeu_ps(u + i, _mm256_sub_ps(_mm256_mul_ps(a, c), _mm256_mul_ps(b, s)));
-        _mm256_storeu_ps(u + half + i, _mm256_add_ps(_mm256_mul_ps(b, c), _mm256_mul_ps(a, s)));
-    }
-    rope_pairs(u, cs, sn, half, i);
+    rope_pairs(u, cs, sn, half, pcs_rope_avx2(u, cs, sn, half));
 }
 
 static int have_avx2(void)
@@ -473,7 +465,7 @@ static void rope_forward(float *v, const PcsLlamaState *s, size_t T, size_t P, s
 {
     const size_t half = hd / 2;
     void (*rot)(float *, const float *, const float *, size_t) = rope_head;
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef PCS_X86
     if (have_avx2())
         rot = rope_head_avx2;
 #endif

@@ -284,6 +284,15 @@ int pcs_convert_to_f32(float *out, const void *src, size_t n, int dtype, int n_t
  * 0..n-1, id 0 on the calling thread, the others on persistent workers */
 typedef void (*pcs_task_fn)(void *arg, int id, int n);
 void pcs_parallel(pcs_task_fn fn, void *arg, int n);
+/* Thread id's rows [*lo, *hi) of n_rows split over n threads in contiguous,
+ * 8-row aligned ranges (threads share no cache line of a float output). */
+static inline void pcs_thread_rows(size_t n_rows, int id, int n, size_t *lo, size_t *hi)
+{
+    size_t per = (n_rows + (size_t)n - 1) / (size_t)n;
+    per = (per + 7) / 8 * 8;
+    *lo = (size_t)id * per < n_rows ? (size_t)id * per : n_rows;
+    *hi = *lo + per < n_rows ? *lo + per : n_rows;
+}
 
 /* ---- bf16-resident weights (bf16.c): W (n_out, n_in) bf16 bits */
 /* out (n_out) = beta * out + W x (n_in), rows split over n_threads */
