@@ -68,14 +68,18 @@ int pcs_attn_set_kernel(const char *name)
     return PCS_OK;
 }
 
-int pcs_attn_supported(size_t hd)
+int pcs_attn_pool(void)
 {
     if (__atomic_load_n(&use_kernel, __ATOMIC_RELAXED) < 0) {
         const char *env = getenv("PCASURGERY_ATTN_KERNEL");
         pcs_attn_set_kernel(env && strcmp(env, "blas") == 0 ? "blas" : "auto");
     }
-    return __atomic_load_n(&use_kernel, __ATOMIC_RELAXED) && hd % PANEL == 0 && hd >= PANEL &&
-           hd <= PCS_ATTN_MAX_HD;
+    return __atomic_load_n(&use_kernel, __ATOMIC_RELAXED);
+}
+
+int pcs_attn_supported(size_t hd)
+{
+    return pcs_attn_pool() && hd % PANEL == 0 && hd >= PANEL && hd <= PCS_ATTN_MAX_HD;
 }
 
 const char *pcs_attn_kernel(void)

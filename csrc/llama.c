@@ -389,7 +389,11 @@ static void gemv_task(void *arg, int id, int n)
 /* out (T, n_out) = beta * out + x (T, n_in) @ W^T, W (n_out, n_in) float32;
  * ldo / ldx are row strides. One token: a gemv (bandwidth-bound decode),
  * its rows split over pcasurgery's threads when the step runs there
- * (s->on_pool: OpenBLAS is single-threaded meanwhile). */
+ * (s->on_pool: OpenBLAS is single-threaded meanwhile). Several: an sgemm,
+ * on OpenBLAS's threads, or with s->pool_prefill one single-threaded sgemm
+ * per pool thread on its range of W's rows (OpenBLAS's idle workers spin
+ * for a while after each call, and two sets of threads taking turns on two
+ * cores cost a bf16 prefill ~20%). */
 static void matmul_f32(float *out, size_t ldo, const float *x, size_t ldx, const float *W,
                        size_t T, size_t n_in, size_t n_out, float beta, const PcsLlamaState *s)
 {
@@ -397,6 +401,11 @@ static void matmul_f32(float *out, size_t ldo, const float *x, size_t ldx, const
         GemvJob j = {out, W, x, n_out, n_in, beta};
         /* small products are not worth waking a thread for (~10 us) */
         pcs_parallel(gemv_task, &j, n_out * n_in < ((size_t)1 << 16) ? 1 : s->n_threads);
+        return;
+    }
+    if (T > 1 && s->pool_prefill) {
+        pcs_matmul_rows(out, ldo, x, ldx, W, T, n_in, n_out, beta,
+                        T * n_out * n_in < ((size_t)1 << 16) ? 1 : s->n_threads);
         return;
     }
     if (T == 1)
@@ -421,7 +430,7 @@ static void matmul_forward(float *out, size_t ldo, const float *x, size_t ldx, P
                       s->n_threads);
     else
         pcs_matmul_bf16(out, ldo, x, ldx, (const unsigned short *)W.data, T, n_in, n_out, beta,
-                        s->wbuf, s->wbuf_floats / n_in, s->n_threads);
+                        s->wbuf, s->wbuf_floats, s->n_threads, s->pool_prefill);
 }
 
 /* One head u (hd) rotated by the angles' cos/sin (hd/2), pairs i0..hd/2-1:
@@ -477,13 +486,13 @@ static void rope_forward(float *v, const PcsLlamaState *s, size_t T, size_t P, s
     }
 }
 
-/* Causal softmax of att (T, C) rows in place: row t sees columns <= P + t,
+/* Causal softmax of att (T, C) rows (row stride ld) in place: row t sees columns <= P + t,
  * and with a sliding window W > 0 only the last W of them (columns
  * > P + t - W, as transformers' sliding_window_overlay). */
-static void softmax_causal(float *att, size_t T, size_t C, size_t P, size_t W)
+static void softmax_causal(float *att, size_t ld, size_t T, size_t C, size_t P, size_t W)
 {
     for (size_t t = 0; t < T; t++) {
-        float *a = att + t * C;
+        float *a = att + t * ld;
         const size_t n = P + t + 1; /* visible columns: lo..n-1 */
         const size_t lo = W && n > W ? n - W : 0;
         float mx = a[lo];
@@ -513,7 +522,7 @@ static void softmax_task(void *arg, int id, int n)
 {
     const SoftmaxJob *j = arg;
     for (size_t h = j->H * (size_t)id / (size_t)n; h < j->H * (size_t)(id + 1) / (size_t)n; h++)
-        softmax_causal(j->att + h * j->S, 1, j->C, j->P, j->W);
+        softmax_causal(j->att + h * j->S, j->S, 1, j->C, j->P, j->W);
 }
 
 /* Decode's softmax: att (H, S), one row per head over columns 0..C-1 (the
@@ -610,6 +619,86 @@ static void closed_groups_scores(float *att, float *att2, const float *qh, const
     }
 }
 
+/* Prefill attention on pcasurgery's threads: each thread takes a range of
+ * the chunk's query rows, sized so that every range holds about the same
+ * share of the causal triangle, and runs every head over it with
+ * single-threaded OpenBLAS calls. A range [t0, t1) needs columns up to
+ * P + t1 only; its rows of att (T, C), of the output and of lat are its
+ * own. */
+typedef struct {
+    float *att, *out, *lat;          /* (T, C); (T, Dq); (T, rv) a latent V's */
+    const float *q, *keys, *vc, *lc; /* (T, Dq); (C, Dkv); (C, Dkv) or NULL; latents */
+    const float *v_up, *bv;          /* a latent V's up-projection (Dkv, rv), bias */
+    size_t T, P, C, H, G, hd, Dq, Dkv, lw, voff, rv, W;
+    float scale;
+} PrefillAttnJob;
+
+/* The first row of thread id's range: work before row t is P t + t (t+1) / 2 */
+static size_t prefill_row(const PrefillAttnJob *j, int id, int n)
+{
+    if (id >= n)
+        return j->T;
+    const double p = (double)j->P + 0.5, total = (double)j->P * (double)j->T +
+                                                 (double)j->T * ((double)j->T + 1.0) / 2.0;
+    const double t = sqrt(p * p + 2.0 * total * id / n) - p;
+    const size_t r = (size_t)(t + 0.5);
+    return r < j->T ? r : j->T;
+}
+
+static void prefill_attn_task(void *arg, int id, int n)
+{
+    const PrefillAttnJob *j = arg;
+    const size_t t0 = prefill_row(j, id, n), t1 = prefill_row(j, id + 1, n);
+    if (t1 <= t0)
+        return;
+    const size_t nr = t1 - t0, Cc = j->P + t1;
+    float *a = j->att + t0 * j->C; /* (nr, Cc), row stride C */
+    for (size_t h = 0; h < j->H; h++) {
+        const size_t g = h / j->G;
+        float *oh = j->out + t0 * j->Dq + h * j->hd; /* (nr, hd), row stride Dq */
+        pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsTrans, (pcs_blasint)nr, (pcs_blasint)Cc,
+                        (pcs_blasint)j->hd, j->scale, j->q + t0 * j->Dq + h * j->hd,
+                        (pcs_blasint)j->Dq, j->keys + g * j->hd, (pcs_blasint)j->Dkv, 0.0f, a,
+                        (pcs_blasint)j->C);
+        softmax_causal(a, j->C, nr, Cc, j->P + t0, j->W);
+        if (j->vc) {
+            pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsNoTrans, (pcs_blasint)nr,
+                            (pcs_blasint)j->hd, (pcs_blasint)Cc, 1.0f, a, (pcs_blasint)j->C,
+                            j->vc + g * j->hd, (pcs_blasint)j->Dkv, 0.0f, oh, (pcs_blasint)j->Dq);
+        } else { /* u (nr, rv) = att c_V; out_h = u v_up_g^T (+ bv_g) */
+            float *u = j->lat + t0 * j->rv;
+            pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsNoTrans, (pcs_blasint)nr,
+                            (pcs_blasint)j->rv, (pcs_blasint)Cc, 1.0f, a, (pcs_blasint)j->C,
+                            j->lc + j->voff, (pcs_blasint)j->lw, 0.0f, u, (pcs_blasint)j->rv);
+            pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsTrans, (pcs_blasint)nr,
+                            (pcs_blasint)j->hd, (pcs_blasint)j->rv, 1.0f, u, (pcs_blasint)j->rv,
+                            j->v_up + g * j->hd * j->rv, (pcs_blasint)j->rv, 0.0f, oh,
+                            (pcs_blasint)j->Dq);
+            add_bias(oh, j->Dq, j->bv ? j->bv + g * j->hd : NULL, nr, j->hd);
+        }
+    }
+}
+
+typedef struct {
+    float *hb;
+    const float *hb2;
+    size_t n;
+} SwigluJob;
+
+static void swiglu_range(float *hb, const float *hb2, size_t lo, size_t hi)
+{
+    for (size_t i = lo; i < hi; i++) {
+        const float g = hb[i];
+        hb[i] = g / (1.0f + expf(-g)) * hb2[i];
+    }
+}
+
+static void swiglu_task(void *arg, int id, int n)
+{
+    const SwigluJob *j = arg;
+    swiglu_range(j->hb, j->hb2, j->n * (size_t)id / (size_t)n, j->n * (size_t)(id + 1) / (size_t)n);
+}
+
 /* One chunk of T <= B tokens at positions P..P+T-1.
  * logits (T or 1, V): every row when all_logits, else the last token's. */
 static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig *c,
@@ -631,7 +720,9 @@ static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig 
     /* a decode step runs on pcasurgery's threads where attn.c's kernels do
      * (not with per-channel K quantisation: its scores need the BLAS path) */
     s->on_pool = T == 1 && pcs_attn_supported(hd) && !(Qz->k_bits && Qz->k_per_channel);
-    s->n_threads = s->on_pool ? pcs_blas_threads_off() : pcs_get_num_threads();
+    s->pool_prefill = T > 1 && pcs_attn_pool() && !(Qz->k_bits && Qz->k_per_channel) &&
+                      !s->calib_sigma;
+    s->n_threads = s->on_pool || s->pool_prefill ? pcs_blas_threads_off() : pcs_get_num_threads();
     for (size_t t = 0; t < T; t++) {
         const size_t row = (size_t)tokens[t] * D;
         if (w->tok_emb.bf16)
@@ -725,6 +816,13 @@ static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig 
                                 (pcs_blasint)hd);
                 add_bias(og, hd, L->bv ? L->bv + g * hd : NULL, G, hd);
             }
+        } else if (s->pool_prefill) {
+            const PrefillAttnJob pj = {
+                .att = att, .out = xb, .lat = s->lat, .q = q, .keys = keys, .vc = vc, .lc = lc,
+                .v_up = L->v_up, .bv = L->bv, .T = T, .P = P, .C = C, .H = H, .G = G, .hd = hd,
+                .Dq = Dq, .Dkv = Dkv, .lw = lw, .voff = voff, .rv = rv,
+                .W = c->sliding_window, .scale = scale};
+            pcs_parallel(prefill_attn_task, (void *)&pj, s->n_threads);
         } else if (T == 1 && !kq) {
             /* decode on OpenBLAS: per key/value head g, its G query heads'
              * scores (G, C) in one product, then their outputs (G, hd) in
@@ -783,7 +881,7 @@ static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig 
                 if (kq)
                     closed_groups_scores(att, s->att2, qh, kq + g * hd, T, P, C, hd, Dq, Dkv,
                                          scale, Qz->group);
-                softmax_causal(att, T, C, P, c->sliding_window);
+                softmax_causal(att, C, T, C, P, c->sliding_window);
                 if (vc) {
                     const float *vh = vc + g * hd; /* (C, hd), row stride Dkv */
                     if (T == 1) {
@@ -813,10 +911,11 @@ static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig 
         rmsnorm_forward(xb, x, L->ffn_norm, T, D, c->rms_eps);
         matmul_forward(hb, F, xb, D, L->w_gate, T, D, F, 0.0f, s);
         matmul_forward(hb2, F, xb, D, L->w_up, T, D, F, 0.0f, s);
-        for (size_t i = 0; i < T * F; i++) {
-            float g = hb[i];
-            hb[i] = g / (1.0f + expf(-g)) * hb2[i];
-        }
+        if (s->pool_prefill) {
+            SwigluJob sj = {hb, hb2, T * F};
+            pcs_parallel(swiglu_task, &sj, s->n_threads);
+        } else
+            swiglu_range(hb, hb2, 0, T * F);
         matmul_forward(x, D, hb, F, L->w_down, T, F, D, 1.0f, s);
     }
 
@@ -828,7 +927,7 @@ static void forward_chunk(float *logits, PcsLlamaState *s, const PcsLlamaConfig 
         rmsnorm_forward(xb, x + (T - 1) * D, w->final_norm, 1, D, c->rms_eps);
         matmul_forward(logits, V, xb, D, w->lm_head, 1, D, V, 0.0f, s);
     }
-    if (s->on_pool)
+    if (s->on_pool || s->pool_prefill)
         pcs_blas_threads_on();
 }
 

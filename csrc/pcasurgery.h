@@ -175,6 +175,10 @@ typedef struct {
      * pcasurgery's threads (pool.c: gemv, attention in attn.c) and none on
      * OpenBLAS's (pcs_blas_threads_off) */
     int on_pool;
+    /* a prefill chunk (T > 1) runs its weight products, attention and
+     * SwiGLU on pcasurgery's threads too, each thread's sgemm
+     * single-threaded (not with calibration or per-channel K quantisation) */
+    int pool_prefill;
     int n_threads;     /* the chunk's thread count (OpenBLAS's at its start) */
     float *x;          /* (B, D) residual stream */
     float *xb;         /* (B, max(D, Dq)) normed input, attention output */
@@ -301,11 +305,18 @@ void pcs_gemv_bf16(float *out, const unsigned short *W, const float *x, size_t n
 /* dst (n) float32 = the bf16 values src (n) */
 void pcs_widen_bf16(float *dst, const unsigned short *src, size_t n, int n_threads);
 /* out (T, n_out) row stride ldo = beta * out + x (T, n_in) W^T, W widened
- * buf_rows rows at a time into buf (buf_rows, n_in) and multiplied by sgemm
- * (buf_rows >= 1) */
+ * a block of rows at a time into buf (buf_floats floats, at least n_in).
+ * pool: W's rows split over n_threads of pool.c's threads, each widening
+ * blocks of its rows into its part of buf for a single-threaded sgemm (the
+ * caller has OpenBLAS single-threaded, pcs_blas_threads_off); else blocks
+ * widened here, each multiplied by OpenBLAS's threads. */
 void pcs_matmul_bf16(float *out, size_t ldo, const float *x, size_t ldx,
                      const unsigned short *W, size_t T, size_t n_in, size_t n_out, float beta,
-                     float *buf, size_t buf_rows, int n_threads);
+                     float *buf, size_t buf_floats, int n_threads, int pool);
+/* The same for float32 W on pool.c's threads: each thread's range of rows
+ * one single-threaded sgemm (the caller has OpenBLAS single-threaded). */
+void pcs_matmul_rows(float *out, size_t ldo, const float *x, size_t ldx, const float *W,
+                     size_t T, size_t n_in, size_t n_out, float beta, int n_threads);
 /* "avx512f", "avx2+fma" or "generic": the dot product chosen at run time */
 const char *pcs_bf16_kernel(void);
 
@@ -329,6 +340,10 @@ typedef struct {
     size_t ld, rk;
     const float *pack, *bias, *rope_cos, *rope_sin;
 } PcsAttnScores;
+/* Whether steps run on pool.c's threads at all (AVX2+FMA, and
+ * PCASURGERY_ATTN_KERNEL / pcs_attn_set_kernel not "blas"): decode where
+ * pcs_attn_supported, and prefill chunks (llama.c's pool_prefill). */
+int pcs_attn_pool(void);
 /* Whether pcs_attn_scores runs here for head size hd (AVX2+FMA, hd a
  * multiple of 16 up to PCS_ATTN_MAX_HD, PCASURGERY_ATTN_KERNEL not "blas"). */
 int pcs_attn_supported(size_t hd);

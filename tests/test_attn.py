@@ -109,13 +109,49 @@ def test_bf16_weights_match_the_blas_path():
     assert_close(ref, got)
 
 
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype,window,latent", [("float32", 0, False), ("float32", 50, True),
+                                                 ("bfloat16", 0, True), ("bfloat16", 50, False)])
+def test_prefill_rows_match_the_blas_path(n_threads, dtype, window, latent):
+    """Prefill on pcasurgery's threads (every weight product, the attention
+    of each thread's share of the query rows, SwiGLU): every row's logits,
+    in chunks of 64 (later chunks start at P > 0), on 1-3 threads."""
+    m0 = random_model(4, 2, seed=13, window=window, hidden=128)
+    m = LlamaModel(m0.config, m0.weights, max_batch=64, dtype=dtype)
+    toks = np.random.default_rng(6).integers(0, m.config.vocab_size, 150)
+    s = Surgery(m, "shared-kv").fit() if latent else None
+    if s:
+        s.apply(var=0.8, factored=True)
+    old = get_num_threads()
+    try:
+        set_num_threads(n_threads)
+        out = []
+        for kernel in ("blas", "auto"):
+            _C.attn_kernel(kernel)
+            m._rt.reset()
+            out.append(m._rt.forward(toks, 0, True))
+        assert out[0].shape == (150, m.config.vocab_size)
+        assert_close(*out)
+    finally:
+        set_num_threads(old)
+        if s:
+            s.restore()
+
+
 def test_head_sizes_the_kernel_does_not_take_stay_on_blas():
-    """Head size 8 (stories260K's): no kernel; the step is the BLAS path's,
-    bit for bit, whichever is asked for."""
+    """Head size 8 (stories260K's): no kernel; a decode step is the BLAS
+    path's, bit for bit, whichever is asked for. (Prefill runs on
+    pcasurgery's threads for every head size: both prefill on BLAS here.)"""
     m = random_model(8, 2, seed=5)  # hidden 64 / 8 heads
     toks = np.random.default_rng(5).integers(0, m.config.vocab_size, 40)
-    ref, got = both_kernels(m, toks, 20)
-    np.testing.assert_array_equal(got, ref)
+    out = []
+    for kernel in ("blas", "auto"):
+        _C.attn_kernel("blas")
+        m._rt.reset()
+        m._rt.forward(toks[:20], 0, False)
+        _C.attn_kernel(kernel)
+        out.append(np.vstack([m._rt.forward(toks[i:i + 1], i, False) for i in range(20, 40)]))
+    np.testing.assert_array_equal(out[1], out[0])
 
 
 def test_openblas_threads_come_back():

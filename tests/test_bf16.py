@@ -65,15 +65,18 @@ def test_bf16_checkpoint_is_memory_mapped_and_equals_the_float32_run(folders):
 
 
 def test_decode_is_the_same_on_one_and_two_threads(folders):
-    """Rows are split over threads, each row's sum in one order: identical."""
+    """Rows are split over threads, each row's sum in one order: identical.
+    (Prefill is not: OpenBLAS's sgemm rounds a block of rows differently
+    from the whole, so both runs prefill on one thread.)"""
     m = LlamaModel.from_pretrained(folders["bf16"])
     old = pcasurgery.get_num_threads()
     try:
         out = []
         for n in (1, 2):
-            pcasurgery.set_num_threads(n)
+            pcasurgery.set_num_threads(1)
             m._rt.reset()
             m._rt.forward(np.arange(3, 20), 0, False)
+            pcasurgery.set_num_threads(n)
             out.append(m._rt.forward(np.array([7]), 17, False))
         np.testing.assert_array_equal(out[0], out[1])
     finally:
