@@ -1873,8 +1873,10 @@ static PyObject *bf16_kernel(PyObject *module, PyObject *unused)
 PyDoc_STRVAR(attn_kernel_doc, "attn_kernel(name=None, /)\n--\n\n"
 "What decode's attention scores run on: 'avx2+fma' (pcasurgery's own kernel:\n"
 "keys rebuilt from a latent, rotated and scored in cache; head sizes a\n"
-"multiple of 16) or 'blas' (OpenBLAS products). name 'blas' or 'auto' sets it\n"
-"first (PCASURGERY_ATTN_KERNEL=blas does at import); both compute the same\n"
+"multiple of 16) or 'blas' (OpenBLAS products). With 'avx2+fma', decode\n"
+"steps and prefill chunks run their parallel work on pcasurgery's threads;\n"
+"with 'blas', on OpenBLAS's. name 'blas' or 'auto' sets it first\n"
+"(PCASURGERY_ATTN_KERNEL=blas does at import); both compute the same\n"
 "function, summed in a different order.");
 
 static PyObject *attn_kernel(PyObject *module, PyObject *args)

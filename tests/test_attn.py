@@ -6,7 +6,9 @@ The step must compute what the OpenBLAS path computes (attn_kernel("blas")):
 same function, summed in another order, for every head size the kernel
 takes, GQA ratio, bias, window, latent layout and context length (blocks of
 24 and 8 positions with their short tails); and OpenBLAS's thread count must
-come back."""
+come back. Prefill chunks run on those threads too (each thread's rows of a
+weight, its share of the query rows, part of SwiGLU): every row of their
+logits is checked against the BLAS path on 1-3 threads."""
 from __future__ import annotations
 
 import ctypes
