@@ -349,45 +349,44 @@ static void widen_block(uint32_t *d, const uint16_t *W, size_t n_in, size_t r0, 
         widen_range(d + r * kb, W + (r0 + r) * n_in + k0, kb);
 }
 
-/* A thread's range of W's rows. Float32: one single-threaded sgemm. Bf16:
- * all of its rows at once, widened into the thread's part of buf, in slabs
- * of columns where they don't fit (each slab one single-threaded sgemm
- * adding into out). Slabs of columns rather than
- * blocks of rows: OpenBLAS packs x once per call, and a whole x per block of
- * rows cost a bf16 prefill ~8%; a slab packs only its columns of x. Only
- * where even SLAB_MIN columns don't fit are the rows taken in blocks. */
+/* A thread's range of W's rows, by sgemm (single-threaded on pool.c's
+ * threads). Float32 W: all of its rows in one call. Bf16 W: all of its rows
+ * at once, widened into the thread's part of buf, in slabs of columns where
+ * they don't fit (each slab one call adding into out). Slabs of columns
+ * rather than blocks of rows: OpenBLAS packs x once per call, and a whole x
+ * per block of rows cost a bf16 prefill ~8%; a slab packs only its columns
+ * of x. Only where even SLAB_MIN columns don't fit are the rows taken in
+ * blocks. */
 static void matmul_task(void *arg, int id, int n)
 {
     const MatmulJob *j = arg;
     size_t lo, hi;
     pcs_thread_rows(j->n_out, id, n, &lo, &hi);
-    if (hi <= lo)
-        return;
-    if (j->Wf) {
-        pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsTrans, (pcs_blasint)j->T,
-                        (pcs_blasint)(hi - lo), (pcs_blasint)j->n_in, 1.0f, j->x,
-                        (pcs_blasint)j->ldx, j->Wf + lo * j->n_in, (pcs_blasint)j->n_in, j->beta,
-                        j->out + lo, (pcs_blasint)j->ldo);
-        return;
-    }
-    uint32_t *buf = (uint32_t *)(j->buf + (size_t)id * j->per);
     size_t R = hi - lo, kb = j->n_in;
-    if (R * kb > j->per) {
+    if (j->W && R * kb > j->per) {
         kb = j->per / R / 64 * 64;
         if (kb < SLAB_MIN) {
             kb = j->n_in < SLAB_MIN ? j->n_in : SLAB_MIN;
             R = j->per / kb; /* >= 1: per >= n_in >= kb */
         }
     }
+    uint32_t *buf = j->W ? (uint32_t *)(j->buf + (size_t)id * j->per) : NULL;
     for (size_t r0 = lo; r0 < hi; r0 += R) {
         const size_t nr = hi - r0 < R ? hi - r0 : R;
         for (size_t k0 = 0; k0 < j->n_in; k0 += kb) {
             const size_t nk = j->n_in - k0 < kb ? j->n_in - k0 : kb;
-            widen_block(buf, j->W, j->n_in, r0, nr, k0, nk);
+            const float *b; /* (nr, nk), row stride ldb */
+            size_t ldb = j->n_in;
+            if (j->W) {
+                widen_block(buf, j->W, j->n_in, r0, nr, k0, nk);
+                b = (const float *)buf;
+                ldb = nk;
+            } else
+                b = j->Wf + r0 * j->n_in + k0;
             pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsTrans, (pcs_blasint)j->T,
                             (pcs_blasint)nr, (pcs_blasint)nk, 1.0f, j->x + k0,
-                            (pcs_blasint)j->ldx, (const float *)buf, (pcs_blasint)nk,
-                            k0 == 0 ? j->beta : 1.0f, j->out + r0, (pcs_blasint)j->ldo);
+                            (pcs_blasint)j->ldx, b, (pcs_blasint)ldb, k0 == 0 ? j->beta : 1.0f,
+                            j->out + r0, (pcs_blasint)j->ldo);
         }
     }
 }
@@ -396,23 +395,10 @@ void pcs_matmul_bf16(float *out, size_t ldo, const float *x, size_t ldx, const u
                      size_t T, size_t n_in, size_t n_out, float beta, float *buf,
                      size_t buf_floats, int n_threads, int pool)
 {
-    if (n_threads < 1 || !pool)
-        n_threads = 1;
-    if ((size_t)n_threads > n_out)
-        n_threads = (int)n_out;
-    if (buf_floats / (size_t)n_threads < n_in) /* each thread needs a row at least */
-        n_threads = 1;
-    if (!pool) { /* blocks of whole rows, each multiplied on OpenBLAS's threads */
-        const size_t block = buf_floats / n_in;
-        for (size_t r0 = 0; r0 < n_out; r0 += block) {
-            const size_t R = n_out - r0 < block ? n_out - r0 : block;
-            widen_range((uint32_t *)buf, W + r0 * n_in, R * n_in);
-            pcs_cblas_sgemm(PcsRowMajor, PcsNoTrans, PcsTrans, (pcs_blasint)T, (pcs_blasint)R,
-                            (pcs_blasint)n_in, 1.0f, x, (pcs_blasint)ldx, buf,
-                            (pcs_blasint)n_in, beta, out + r0, (pcs_blasint)ldo);
-        }
-        return;
-    }
+    /* pool: pool.c's threads, each with its part of buf; else this thread
+     * alone, its sgemm calls on OpenBLAS's threads */
+    if (n_threads < 1 || !pool || buf_floats / (size_t)n_threads < n_in)
+        n_threads = 1; /* each thread needs a row of buf at least */
     MatmulJob j = {out, ldo, x, ldx, W, NULL, T, n_in, n_out, buf_floats / (size_t)n_threads,
                    beta, buf};
     pcs_parallel(matmul_task, &j, n_threads);

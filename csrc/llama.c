@@ -486,9 +486,9 @@ static void rope_forward(float *v, const PcsLlamaState *s, size_t T, size_t P, s
     }
 }
 
-/* Causal softmax of att (T, C) rows (row stride ld) in place: row t sees columns <= P + t,
- * and with a sliding window W > 0 only the last W of them (columns
- * > P + t - W, as transformers' sliding_window_overlay). */
+/* Causal softmax of att (T, C) rows (row stride ld) in place: row t sees
+ * columns <= P + t, and with a sliding window W > 0 only the last W of them
+ * (columns > P + t - W, as transformers' sliding_window_overlay). */
 static void softmax_causal(float *att, size_t ld, size_t T, size_t C, size_t P, size_t W)
 {
     for (size_t t = 0; t < T; t++) {

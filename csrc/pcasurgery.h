@@ -305,11 +305,11 @@ void pcs_gemv_bf16(float *out, const unsigned short *W, const float *x, size_t n
 /* dst (n) float32 = the bf16 values src (n) */
 void pcs_widen_bf16(float *dst, const unsigned short *src, size_t n, int n_threads);
 /* out (T, n_out) row stride ldo = beta * out + x (T, n_in) W^T, W widened
- * a block of rows at a time into buf (buf_floats floats, at least n_in).
- * pool: W's rows split over n_threads of pool.c's threads, each widening
- * blocks of its rows into its part of buf for a single-threaded sgemm (the
- * caller has OpenBLAS single-threaded, pcs_blas_threads_off); else blocks
- * widened here, each multiplied by OpenBLAS's threads. */
+ * into buf (buf_floats floats, at least n_in) a slab at a time for sgemm.
+ * pool: W's rows split over n_threads of pool.c's threads, each with its
+ * part of buf and single-threaded sgemm calls (the caller has OpenBLAS
+ * single-threaded, pcs_blas_threads_off); else this thread alone, its
+ * sgemm calls on OpenBLAS's threads. */
 void pcs_matmul_bf16(float *out, size_t ldo, const float *x, size_t ldx,
                      const unsigned short *W, size_t T, size_t n_in, size_t n_out, float beta,
                      float *buf, size_t buf_floats, int n_threads, int pool);
