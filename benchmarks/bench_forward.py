@@ -13,10 +13,18 @@ OpenBLAS streaming a 2-4 GiB matrix, as each decode step streams the weights).
 
 Bounds: prefill <= sgemm peak / 2.07 GFLOP per token; decode <= bandwidth /
 the bytes of weights read per token (4.4 GB in float32, 2.2 GB in bf16).
-Our bf16 run keeps the weights bf16 (memory-mapped) and computes in float32;
+Our bf16 runs keep the weights bf16 and compute in float32: memory-mapped
+(the default) and copied into memory (mmap=False, `--no-mmap`);
 transformers' bf16 run computes in bf16 (its CPU kernels).
 
-Usage: python benchmarks/bench_forward.py [--threads 2] [--workdir DIR] [--decode 32]
+Our three sides run --rounds times, in turn (f32, bf16, bf16 copied, f32,
+...), each round in fresh processes: this machine's read bandwidth moves by
+up to 30% between minutes, so one sample per side compares two different
+machines. Each of our columns is the median over the rounds, and each ratio
+of ours is the median of the rounds' ratios (sides run next to each other),
+with every round's value printed. Transformers' sides run once.
+
+Usage: python benchmarks/bench_forward.py [--threads 2] [--workdir DIR] [--decode 32] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -73,8 +81,9 @@ def run_ours(folder: Path, threads: int, n_decode: int, dtype: str) -> dict:
     import pcasurgery
 
     pcasurgery.set_num_threads(threads)
+    dtype, _, held = dtype.partition("-")  # "bfloat16-copied": mmap=False
     t0 = time.perf_counter()
-    m = pcasurgery.LlamaModel.from_pretrained(folder, dtype=dtype)
+    m = pcasurgery.LlamaModel.from_pretrained(folder, dtype=dtype, mmap=held != "copied")
     load = time.perf_counter() - t0
     prompt = np.random.default_rng(0).integers(3, 32000, PROMPT)
     m._rt.reset()
@@ -165,8 +174,11 @@ def main() -> None:
     ap.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"),
                                                       "pcasurgery-bench", "tinyllama-random"))
     ap.add_argument("--decode", type=int, default=32, help="decode steps to time")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of our three sides")
     ap.add_argument("--side", help=argparse.SUPPRESS)  # "ours:float32", ...
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds: expected a positive number, got {args.rounds}")
     folder = Path(args.workdir)
     if args.side == "prepare":
         prepare(folder)
@@ -188,15 +200,17 @@ def main() -> None:
     import pcasurgery
 
     print(f"our bf16 kernel on this CPU: {pcasurgery._C.bf16_kernel()}")
-    sides = ["ours:float32", "ours:bfloat16", "transformers:float32", "transformers:bfloat16"]
+    ours = ["ours:float32", "ours:bfloat16", "ours:bfloat16-copied"]
+    rounds: list[dict] = []
     res = {}
-    for side in sides:
-        out = subprocess.run([sys.executable, __file__, "--side", side, "--threads",
-                              str(args.threads), "--workdir", str(folder), "--decode",
-                              str(args.decode)], capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
-        res[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    for _ in range(args.rounds):
+        rounds.append({side: run_side(side, folder, args) for side in ours})
+    for side in ["transformers:float32", "transformers:bfloat16"]:
+        res[side] = run_side(side, folder, args)
+    import numpy as np
+
+    for side in ours:  # each number the median over the rounds
+        res[side] = {k: float(np.median([rd[side][k] for rd in rounds])) for k in rounds[0][side]}
     # after the sides: a child's peak RSS (ru_maxrss) includes its parent's peak
     # when it is spawned, and the bandwidth probe's 2-4 GiB would count in every side
     lim = machine_limits(args.threads)
@@ -206,32 +220,52 @@ def main() -> None:
     print(f"limits: sgemm {lim['sgemm_gflops']:.0f} GFLOP/s -> prefill <= {pre_bound:.1f} tok/s; "
           f"read {lim['read_gbps']:.1f} GB/s -> decode <= {dec_bound['float32']:.2f} tok/s "
           f"(float32 weights), {dec_bound['bfloat16']:.2f} (bf16)")
-    o, b = res["ours:float32"], res["ours:bfloat16"]
+    o, b, bc = res["ours:float32"], res["ours:bfloat16"], res["ours:bfloat16-copied"]
     t, tb = res["transformers:float32"], res["transformers:bfloat16"]
-    print(f"\n{'':22}{'ours f32':>10}{'ours bf16':>11}{'hf f32':>9}{'hf bf16':>9}")
+    cols = (o, b, bc, t, tb)
+    bounds = ("float32", "bfloat16", "bfloat16", "float32", "bfloat16")
+    print(f"\nours: medians of {args.rounds} rounds; bf16 mmap = memory-mapped (the default), "
+          "bf16 copy = mmap=False")
+    print(f"{'':22}{'ours f32':>10}{'bf16 mmap':>11}{'bf16 copy':>11}{'hf f32':>9}{'hf bf16':>9}")
     rows = (("load_s", "load (s)", "{:.2f}"), ("prefill_tps", "prefill (tok/s)", "{:.1f}"),
             ("decode_tps", "decode (tok/s)", "{:.2f}"), ("peak_rss_gb", "peak RSS (GB)", "{:.2f}"))
+    widths = (10, 11, 11, 9, 9)
     for key, label, fmt in rows:
-        cells = [fmt.format(r[key]) for r in (o, b, t, tb)]
-        print(f"{label:22}{cells[0]:>10}{cells[1]:>11}{cells[2]:>9}{cells[3]:>9}")
-    print(f"{'decode, of its bound':22}{o['decode_tps'] / dec_bound['float32']:10.0%}"
-          f"{b['decode_tps'] / dec_bound['bfloat16']:11.0%}"
-          f"{t['decode_tps'] / dec_bound['float32']:9.0%}{tb['decode_tps'] / dec_bound['bfloat16']:9.0%}")
-    print(f"{'prefill, of sgemm bound':22}{o['prefill_tps'] / pre_bound:10.0%}"
-          f"{b['prefill_tps'] / pre_bound:11.0%}{t['prefill_tps'] / pre_bound:9.0%}"
-          f"{tb['prefill_tps'] / pre_bound:9.0%}")
+        print(f"{label:22}" + "".join(f"{fmt.format(r[key]):>{w}}" for r, w in zip(cols, widths)))
+    print(f"{'decode, of its bound':22}" + "".join(
+        f"{r['decode_tps'] / dec_bound[d]:{w}.0%}" for r, d, w in zip(cols, bounds, widths)))
+    print(f"{'prefill, of sgemm bound':22}" + "".join(
+        f"{r['prefill_tps'] / pre_bound:{w}.0%}" for r, w in zip(cols, widths)))
+
+    def ratio(side: str, key: str) -> str:
+        """median over the rounds of side / ours f32, and each round's value"""
+        per = [rd[side][key] / rd["ours:float32"][key] for rd in rounds]
+        return f"{np.median(per):.2f}x (rounds: {', '.join(f'{v:.2f}' for v in per)})"
+
     print("\nratios (target):")
     print(f"  ours f32 vs transformers f32: load {t['load_s'] / o['load_s']:.2f}x faster, prefill "
           f"{o['prefill_tps'] / t['prefill_tps']:.2f}x (>= 1.5x), decode "
           f"{o['decode_tps'] / t['decode_tps']:.2f}x (>= 1.5x), RSS {o['peak_rss_gb']:.2f} GB "
           f"(<= {1.25 * PARAMS * 4 / 1e9:.2f})")
-    print(f"  ours bf16 vs ours f32: decode {b['decode_tps'] / o['decode_tps']:.2f}x (>= 1.8x), "
-          f"prefill {b['prefill_tps'] / o['prefill_tps']:.2f}x (>= 1x), peak RSS "
-          f"{b['peak_rss_gb'] / o['peak_rss_gb']:.2f}x (<= 0.6x)")
-    print(f"  ours bf16 vs transformers bf16: prefill {b['prefill_tps'] / tb['prefill_tps']:.2f}x, "
-          f"decode {b['decode_tps'] / tb['decode_tps']:.2f}x, load "
-          f"{tb['load_s'] / b['load_s']:.2f}x faster")
+    for side, name in (("ours:bfloat16", "bf16 mmap"), ("ours:bfloat16-copied", "bf16 copy")):
+        print(f"  ours {name} vs ours f32: decode {ratio(side, 'decode_tps')} (>= 1.8x)")
+        print(f"  {'':{len(name) + 17}}prefill {ratio(side, 'prefill_tps')} (>= 1x)")
+        print(f"  {'':{len(name) + 17}}peak RSS {ratio(side, 'peak_rss_gb')} (<= 0.6x)")
+    for r, name in ((b, "bf16 mmap"), (bc, "bf16 copy")):
+        print(f"  ours {name} vs transformers bf16: prefill "
+              f"{r['prefill_tps'] / tb['prefill_tps']:.2f}x, decode "
+              f"{r['decode_tps'] / tb['decode_tps']:.2f}x, load {tb['load_s'] / r['load_s']:.2f}x "
+              "faster")
 
+
+def run_side(side: str, folder: Path, args: argparse.Namespace) -> dict:
+    """One side in its own process; its measurements."""
+    out = subprocess.run([sys.executable, __file__, "--side", side, "--threads",
+                          str(args.threads), "--workdir", str(folder), "--decode",
+                          str(args.decode)], capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 if __name__ == "__main__":
     main()

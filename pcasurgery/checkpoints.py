@@ -246,18 +246,24 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], i
 def load_safetensors(
     path: str | os.PathLike, names: list[str] | None = None,
     header: tuple[dict[str, dict], int] | None = None, bf16: frozenset[str] = frozenset(),
+    mmap: bool = True,
 ) -> dict[str, np.ndarray]:
     """Tensors of a .safetensors file as float32 arrays (F32, F16 and BF16
     converted in C), except those named in `bf16`: uint16 arrays of bf16
     bits, memory-mapped from the file when it holds them as BF16 at an even
     offset (no copy; the pages stay the file's), else converted and rounded.
+    mmap=False copies those bf16 bits into the process's own memory instead
+    (NumPy asks Linux for transparent huge pages for such arrays, which
+    the page cache's 4 KiB pages of a mapping don't get; see the README's
+    bf16 section), one tensor at a time, each file page released once read.
     Every value is checked for NaN/Inf. Converted tensors' pages are released
     once read, so the process holds one copy of each tensor.
     header: what :func:`read_safetensors_header` returned for it, if read."""
-    import mmap
+    import mmap as _mmap
 
     from .dtypes import to_bf16_bits
 
+    map_bf16 = mmap
     path = Path(path)
     entries, data_start = header if header is not None else read_safetensors_header(path)
     wanted = entries.keys() if names is None else names
@@ -265,7 +271,7 @@ def load_safetensors(
     if not entries:
         return out
     with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        mm = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)
     mapped = False  # arrays that view mm keep it open; otherwise it is closed here
     try:
         # one pass in file order (sequential reads), whatever order was asked
@@ -286,8 +292,13 @@ def load_safetensors(
                 if bad >= 0:
                     raise ValueError(f"{where} contains NaN or Inf (first at flat index {bad} "
                                      f"of {a.size}); expected finite weights")
-                out[name] = a
-                mapped = True
+                if map_bf16:
+                    out[name] = a
+                    mapped = True
+                    continue
+                out[name] = a.copy()
+                del a  # a view of mm: mm.close() below refuses while one is alive
+                _release_pages(mm, start, nbytes)
                 continue
             a = _C.to_float32(mm, start, nbytes, e["dtype"], e["shape"], where)
             if name in bf16:
@@ -296,14 +307,33 @@ def load_safetensors(
                 if bad >= 0:  # a float32 beyond bf16's range rounds to Inf
                     raise ValueError(f"{where} overflows bfloat16 (flat index {bad})")
             out[name] = a
-            if hasattr(mm, "madvise") and nbytes:
-                page = mmap.PAGESIZE
-                lo = start - start % page
-                mm.madvise(mmap.MADV_DONTNEED, lo, start + nbytes - lo)
+            _release_pages(mm, start, nbytes)
     finally:
         if not mapped:
             mm.close()
     return out
+
+
+def _release_pages(mm, start: int, nbytes: int) -> None:
+    """Drop bytes start..start+nbytes of a read-only file mapping (and the
+    rest of the page they begin in) from the resident set, once copied."""
+    import mmap
+
+    if hasattr(mm, "madvise") and nbytes:
+        lo = start - start % mmap.PAGESIZE
+        mm.madvise(mmap.MADV_DONTNEED, lo, start + nbytes - lo)
+
+
+def mapping_of(a: np.ndarray):
+    """The mmap.mmap an array views (one load_safetensors made), or None."""
+    import mmap
+
+    base = a
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap):
+        return base.obj
+    return None
 
 
 def release_mapped(a: np.ndarray) -> bool:
@@ -314,13 +344,8 @@ def release_mapped(a: np.ndarray) -> bool:
     neighbouring tensor are kept. Returns whether it was memory-mapped."""
     import mmap
 
-    base = a
-    while isinstance(base, np.ndarray):
-        base = base.base
-    if not (isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)):
-        return False
-    mm = base.obj
-    if mm.closed or not hasattr(mm, "madvise"):
+    mm = mapping_of(a)
+    if mm is None or mm.closed or not hasattr(mm, "madvise"):
         return False
     start = a.ctypes.data - np.frombuffer(mm, dtype=np.uint8, count=1).ctypes.data
     page = mmap.PAGESIZE
@@ -486,13 +511,15 @@ def _shard_name(name: object, index: Path, tensor: str) -> str:
 
 
 def load_hf_folder(folder: str | os.PathLike, dtype: str | None = None,
-                   factors_out: dict | None = None) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+                   factors_out: dict | None = None,
+                   mmap: bool = True) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
     """config.json plus model.safetensors, or the shards that
     model.safetensors.index.json lists; every tensor checked against the
     config's shapes. dtype "bfloat16": the weight matrices stay bf16 (uint16
-    arrays of bf16 bits, memory-mapped where the file allows); "float32":
-    everything widened; None: bfloat16 when the checkpoint's matrices are
-    all BF16, else float32.
+    arrays of bf16 bits, memory-mapped where the file allows, or copied
+    into the process's memory with mmap=False); "float32": everything
+    widened; None: bfloat16 when the checkpoint's matrices are all BF16,
+    else float32.
 
     A factored folder (pcasurgery/factored.py) is checked against the ranks
     its config.json declares; its factored projections come back rebuilt
@@ -558,7 +585,7 @@ def load_hf_folder(folder: str | os.PathLike, dtype: str | None = None,
     for fname, names in files.items():
         fpath = folder / fname
         keep = frozenset(n for n in names if is_matrix(n)) if dtype == "bfloat16" else frozenset()
-        weights.update(load_safetensors(fpath, names, headers[fpath], bf16=keep))
+        weights.update(load_safetensors(fpath, names, headers[fpath], bf16=keep, mmap=mmap))
     if config.tie_word_embeddings:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     if lay is not None:

@@ -167,7 +167,7 @@ class LlamaModel:
     @classmethod
     def from_pretrained(
         cls, path_or_id: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
-        n_ctx: int | None = None, dtype: str | None = None,
+        n_ctx: int | None = None, dtype: str | None = None, mmap: bool = True,
     ) -> LlamaModel:
         """Load a model from
         - ``"auto"``: TinyLlama-1.1B-Chat-v1.0 when it is in the local
@@ -181,15 +181,21 @@ class LlamaModel:
           beside it (``tok<V>.bin`` or ``tokenizer.bin``).
         n_ctx limits the context (and the KV cache). dtype: "bfloat16"
         (weight matrices stay bf16, memory-mapped where the file allows) or
-        "float32"; None: the checkpoint's own when it is bf16, else float32."""
+        "float32"; None: the checkpoint's own when it is bf16, else float32.
+        mmap=False: bf16 matrices are copied into the process's memory
+        instead of memory-mapped (same resident size; a slower load, and a
+        bf16 decode a few percent faster on machines where the mapping's
+        4 KiB pages cost TLB misses; see the README)."""
         from .checkpoints import load_hf_folder
         from .lookup import resolve_model
         from .tokenizers import Llama2cTokenizer, load_hf_tokenizer
 
+        if not isinstance(mmap, bool):
+            raise TypeError(f"mmap must be True or False, got {mmap!r}")
         p = resolve_model(path_or_id)
         if p.is_dir():
             factors: dict = {}
-            config, weights = load_hf_folder(p, dtype, factors_out=factors)
+            config, weights = load_hf_folder(p, dtype, factors_out=factors, mmap=mmap)
             tok = load_hf_tokenizer(Path(tokenizer) if tokenizer else p,
                                     bos_id=config.bos_token_id, eos_id=config.eos_token_id)
             if tok is not None and tok.vocab_size > config.vocab_size:

@@ -64,6 +64,24 @@ def test_bf16_checkpoint_is_memory_mapped_and_equals_the_float32_run(folders):
     assert_logits_close(m16.logits(tokens), m32.logits(tokens))
 
 
+def test_no_mmap_copies_the_bf16_bits_and_computes_the_same(folders):
+    """mmap=False: every bf16 matrix is the process's own array (no view of
+    the file), bit for bit the mapped one, and the logits are identical."""
+    mapped = LlamaModel.from_pretrained(folders["bf16"])
+    owned = LlamaModel.from_pretrained(folders["bf16"], mmap=False)
+    assert owned.dtype == "bfloat16"
+    for name, a in mapped._weights.items():
+        b = owned._weights[name]
+        assert b.dtype == a.dtype and b.shape == a.shape, name
+        np.testing.assert_array_equal(a, b)
+        if a.dtype == np.uint16:
+            assert not a.flags.owndata and b.flags.owndata, name
+    tokens = np.arange(3, 60)
+    np.testing.assert_array_equal(owned.logits(tokens), mapped.logits(tokens))
+    with pytest.raises(TypeError, match="mmap must be True or False"):
+        LlamaModel.from_pretrained(folders["bf16"], mmap="no")
+
+
 def test_decode_is_the_same_on_one_and_two_threads(folders):
     """Rows are split over threads, each row's sum in one order: identical.
     (Prefill is not: OpenBLAS's sgemm rounds a block of rows differently
@@ -141,6 +159,25 @@ def test_cli_dtype(folders, tmp_path):
     r = cli("--model", folders["bf16"], "--dtype", "float16")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "--dtype" in r.stderr and "bfloat16" in r.stderr
+    r = cli("--model", folders["bf16"], "--mmap=yes")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--mmap" in r.stderr
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    folder = tmp_path / "bf16"  # with a tokenizer, which the CLI needs
+    shutil.copytree(folders["bf16"], folder)
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.train_from_iterator(["the cat sat on the mat"] * 20, trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    for flag, held in (("--mmap", "memory-mapped"), ("--no-mmap", "copied into memory")):
+        r = cli("--model", folder, flag, "--var", "0.5", "--max-new-tokens", "0")
+        assert r.returncode == 0, r.stderr
+        assert f"weights in bfloat16, {held} (surgery" in r.stdout
 
 
 KERNEL_RUN = """
