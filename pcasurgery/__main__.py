@@ -148,8 +148,8 @@ def build_parser() -> Parser:
                         "checkpoint's own when it is bf16, else float32)")
     p.add_argument("--mmap", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 weights memory-mapped from the checkpoint (default), or with "
-                        "--no-mmap copied into memory (slower load; a few percent faster "
-                        "bf16 decode where the mapping's small pages cost TLB misses)")
+                        "--no-mmap copied into memory (a slower load; in huge pages where "
+                        "Linux gives them, several percent faster bf16 decode and prefill)")
     p.add_argument("--center", action=argparse.BooleanOptionalAction, default=True,
                    help="centered PCA with the mean restored (default) or plain SVD")
     p.add_argument("--layers-per-group", type=nonneg_int, default=0,

@@ -252,10 +252,10 @@ def load_safetensors(
     converted in C), except those named in `bf16`: uint16 arrays of bf16
     bits, memory-mapped from the file when it holds them as BF16 at an even
     offset (no copy; the pages stay the file's), else converted and rounded.
-    mmap=False copies those bf16 bits into the process's own memory instead
-    (NumPy asks Linux for transparent huge pages for such arrays, which
-    the page cache's 4 KiB pages of a mapping don't get; see the README's
-    bf16 section), one tensor at a time, each file page released once read.
+    mmap=False copies those bf16 bits into the process's own memory instead,
+    one tensor at a time, each file page released once read (NumPy asks
+    Linux for transparent huge pages for such arrays, which a mapping of
+    the page cache doesn't get; see the README's bf16 section).
     Every value is checked for NaN/Inf. Converted tensors' pages are released
     once read, so the process holds one copy of each tensor.
     header: what :func:`read_safetensors_header` returned for it, if read."""
@@ -263,7 +263,6 @@ def load_safetensors(
 
     from .dtypes import to_bf16_bits
 
-    map_bf16 = mmap
     path = Path(path)
     entries, data_start = header if header is not None else read_safetensors_header(path)
     wanted = entries.keys() if names is None else names
@@ -292,7 +291,7 @@ def load_safetensors(
                 if bad >= 0:
                     raise ValueError(f"{where} contains NaN or Inf (first at flat index {bad} "
                                      f"of {a.size}); expected finite weights")
-                if map_bf16:
+                if mmap:
                     out[name] = a
                     mapped = True
                     continue

@@ -183,9 +183,9 @@ class LlamaModel:
         (weight matrices stay bf16, memory-mapped where the file allows) or
         "float32"; None: the checkpoint's own when it is bf16, else float32.
         mmap=False: bf16 matrices are copied into the process's memory
-        instead of memory-mapped (same resident size; a slower load, and a
-        bf16 decode a few percent faster on machines where the mapping's
-        4 KiB pages cost TLB misses; see the README)."""
+        instead of memory-mapped: the same resident size and a slower load;
+        in transparent huge pages where Linux gives them, which made bf16
+        decode and prefill several percent faster (see the README)."""
         from .checkpoints import load_hf_folder
         from .lookup import resolve_model
         from .tokenizers import Llama2cTokenizer, load_hf_tokenizer
