@@ -267,5 +267,6 @@ def run_side(side: str, folder: Path, args: argparse.Namespace) -> dict:
         sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
+
 if __name__ == "__main__":
     main()
