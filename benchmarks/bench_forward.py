@@ -24,7 +24,13 @@ machines. Each of our columns is the median over the rounds, and each ratio
 of ours is the median of the rounds' ratios (sides run next to each other),
 with every round's value printed. Transformers' sides run once.
 
+Then, as this machine's bandwidth moves even between minutes, our three
+models are loaded into one process (8.8 GB) and take turns, --alternate
+rounds of a prefill and --decode steps each, and the ratios of each round's
+adjacent turns are reported as medians, with every round's value.
+
 Usage: python benchmarks/bench_forward.py [--threads 2] [--workdir DIR] [--decode 32] [--rounds 3]
+                                          [--alternate 5]
 """
 from __future__ import annotations
 
@@ -101,6 +107,41 @@ def run_ours(folder: Path, threads: int, n_decode: int, dtype: str) -> dict:
     return dict(load_s=load, prefill_tps=prefill, decode_tps=decode, peak_rss_gb=peak_rss_gb())
 
 
+def run_alternated(folder: Path, threads: int, n_decode: int, rounds: int) -> dict:
+    """Our three models in one process (float32, bf16 mapped, bf16 copied:
+    8.8 GB), taking turns: each round, each model (in a rotated order) runs
+    the 512-token prefill and then n_decode decode steps after it. Ratios of
+    adjacent turns see the same machine, where separate processes minutes
+    apart may not."""
+    import numpy as np
+
+    import pcasurgery
+
+    pcasurgery.set_num_threads(threads)
+    sides = {"float32": ("float32", True), "bfloat16": ("bfloat16", True),
+             "bfloat16-copied": ("bfloat16", False)}
+    models = {k: pcasurgery.LlamaModel.from_pretrained(folder, dtype=d, mmap=mm)
+              for k, (d, mm) in sides.items()}
+    prompt = np.random.default_rng(0).integers(3, 32000, PROMPT)
+    for m in models.values():  # warm-up
+        m._rt.reset()
+        m._rt.forward(prompt[:16], 0, False)
+    out: dict = {k: {"prefill_tps": [], "decode_tps": []} for k in models}
+    names = list(models)
+    for r in range(rounds):
+        for k in names[r % 3:] + names[:r % 3]:
+            m = models[k]
+            m._rt.reset()
+            t0 = time.perf_counter()
+            logits = m._rt.forward(prompt, 0, False)
+            out[k]["prefill_tps"].append(PROMPT / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            for pos in range(PROMPT, PROMPT + n_decode):
+                logits = m._rt.forward(np.array([int(np.argmax(logits))]), pos, False)
+            out[k]["decode_tps"].append(n_decode / (time.perf_counter() - t0))
+    return out
+
+
 def run_transformers(folder: Path, threads: int, n_decode: int, dtype: str) -> dict:
     import numpy as np
     import torch
@@ -175,15 +216,22 @@ def main() -> None:
                                                       "pcasurgery-bench", "tinyllama-random"))
     ap.add_argument("--decode", type=int, default=32, help="decode steps to time")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of our three sides")
+    ap.add_argument("--alternate", type=int, default=5,
+                    help="rounds of our three models taking turns in one process (0: none)")
     ap.add_argument("--side", help=argparse.SUPPRESS)  # "ours:float32", ...
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error(f"--rounds: expected a positive number, got {args.rounds}")
+    if args.alternate < 0:
+        ap.error(f"--alternate: expected 0 or a positive number, got {args.alternate}")
     folder = Path(args.workdir)
     if args.side == "prepare":
         prepare(folder)
         return
     if args.side:
+        if args.side == "alternated":
+            print(json.dumps(run_alternated(folder, args.threads, args.decode, args.alternate)))
+            return
         who, dtype = args.side.split(":")
         fn = run_ours if who == "ours" else run_transformers
         print(json.dumps(fn(folder, args.threads, args.decode, dtype)))
@@ -207,6 +255,7 @@ def main() -> None:
         rounds.append({side: run_side(side, folder, args) for side in ours})
     for side in ["transformers:float32", "transformers:bfloat16"]:
         res[side] = run_side(side, folder, args)
+    alt = run_side("alternated", folder, args) if args.alternate else None
     import numpy as np
 
     for side in ours:  # each number the median over the rounds
@@ -251,6 +300,19 @@ def main() -> None:
         print(f"  ours {name} vs ours f32: decode {ratio(side, 'decode_tps')} (>= 1.8x)")
         print(f"  {'':{len(name) + 17}}prefill {ratio(side, 'prefill_tps')} (>= 1x)")
         print(f"  {'':{len(name) + 17}}peak RSS {ratio(side, 'peak_rss_gb')} (<= 0.6x)")
+    if alt:
+        print(f"\ntaking turns in one process ({args.alternate} rounds; each turn a "
+              f"{PROMPT}-token prefill, then {args.decode} decode steps), median over the rounds "
+              "of bf16 / f32 in the same round:")
+        for side, name in (("bfloat16", "bf16 mmap"), ("bfloat16-copied", "bf16 copy")):
+            for key, what, target in (("decode_tps", "decode", ">= 1.8x"),
+                                      ("prefill_tps", "prefill", ">= 1x")):
+                per = [v / f for v, f in zip(alt[side][key], alt["float32"][key])]
+                print(f"  ours {name} vs ours f32: {what} {np.median(per):.2f}x "
+                      f"(rounds: {', '.join(f'{v:.2f}' for v in per)}) ({target})")
+        print("  tok/s, medians: " + ", ".join(
+            f"{k} prefill {np.median(v['prefill_tps']):.1f} decode {np.median(v['decode_tps']):.2f}"
+            for k, v in alt.items()))
     for r, name in ((b, "bf16 mmap"), (bc, "bf16 copy")):
         print(f"  ours {name} vs transformers bf16: prefill "
               f"{r['prefill_tps'] / tb['prefill_tps']:.2f}x, decode "
@@ -262,7 +324,8 @@ def run_side(side: str, folder: Path, args: argparse.Namespace) -> dict:
     """One side in its own process; its measurements."""
     out = subprocess.run([sys.executable, __file__, "--side", side, "--threads",
                           str(args.threads), "--workdir", str(folder), "--decode",
-                          str(args.decode)], capture_output=True, text=True)
+                          str(args.decode), "--alternate", str(args.alternate)],
+                         capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"{side} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
