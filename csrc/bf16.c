@@ -163,7 +163,9 @@ __attribute__((target("avx2,fma"))) static void dot4_avx2(float *out, const uint
  * a TinyLlama-shaped decode, alternated in one process against the earlier
  * four-rows-at-a-time kernels with the rows 8 ahead prefetched: 1.23x
  * (copied) and 1.38x (memory-mapped) faster with AVX-512F, 1.28x and 1.18x
- * with AVX2 on the same CPU (medians of 8 rounds). */
+ * with AVX2 on the same CPU (medians of 8 rounds). Prefetching the whole
+ * row 1, 2 or 4 ahead while summing this one made it slower (0.75-0.88x,
+ * mapped or copied): the hardware prefetcher does better alone here. */
 enum { EO_MAX = 32768 }; /* the longest row with a permuted x (128 KB, on the stack) */
 
 static void eo_permute(float *xp, const float *x, size_t n)
