@@ -168,12 +168,13 @@ __attribute__((target("avx2,fma"))) static void dot4_avx2(float *out, const uint
  * mapped or copied): the hardware prefetcher does better alone here. */
 enum { EO_MAX = 32768 }; /* the longest row with a permuted x (128 KB, on the stack) */
 
-static void eo_permute(float *xp, const float *x, size_t n)
+/* xp = x with each block of 2L elements stored as its evens, then its odds */
+static void eo_permute(float *xp, const float *x, size_t n, size_t L)
 {
-    for (size_t b = 0; b + 32 <= n; b += 32)
-        for (size_t l = 0; l < 16; l++) {
+    for (size_t b = 0; b + 2 * L <= n; b += 2 * L)
+        for (size_t l = 0; l < L; l++) {
             xp[b + l] = x[b + 2 * l];
-            xp[b + 16 + l] = x[b + 2 * l + 1];
+            xp[b + L + l] = x[b + 2 * l + 1];
         }
 }
 
@@ -207,19 +208,6 @@ __attribute__((target("avx512f"))) static float dot_eo(const uint16_t *w, const 
     return dot_tail(_mm512_reduce_add_ps(s), w, x, i, n);
 }
 
-/* rows lo..hi-1 of W (n_in wide) dotted with x, into out (beta: as gemv) */
-__attribute__((target("avx512f"))) static void rows_eo(float *out, const uint16_t *W, size_t n_in,
-                                                       const float *x, size_t lo, size_t hi,
-                                                       float beta)
-{
-    float xp[EO_MAX] __attribute__((aligned(64)));
-    eo_permute(xp, x, n_in);
-    for (size_t r = lo; r < hi; r++) {
-        const float v = dot_eo(W + r * n_in, xp, x, n_in);
-        out[r] = beta == 0.0f ? v : beta * out[r] + v;
-    }
-}
-
 /* The same with AVX2 (the CPUs without AVX-512F): 16 bf16 per 32-byte load,
  * xp's blocks of 32 as above, each half a 16-element block's evens then odds */
 __attribute__((target("avx2,fma"))) static float dot_eo_avx2(const uint16_t *w, const float *xp,
@@ -244,25 +232,31 @@ __attribute__((target("avx2,fma"))) static float dot_eo_avx2(const uint16_t *w, 
     return dot_tail(pcs_hsum8(s), w, x, i, n);
 }
 
-static void eo_permute16(float *xp, const float *x, size_t n)
-{
-    for (size_t b = 0; b + 16 <= n; b += 16)
-        for (size_t l = 0; l < 8; l++) {
-            xp[b + l] = x[b + 2 * l];
-            xp[b + 8 + l] = x[b + 2 * l + 1];
-        }
-}
+/* rows lo..hi-1 of W (n_in wide) dotted with x, into out (beta: as gemv),
+ * by dot_eo or dot_eo_avx2 (L: 16 or 8 lanes) */
+typedef float (*dot_eo_fn)(const uint16_t *, const float *, const float *, size_t);
 
-__attribute__((target("avx2,fma"))) static void rows_eo_avx2(float *out, const uint16_t *W,
-                                                             size_t n_in, const float *x,
-                                                             size_t lo, size_t hi, float beta)
+static void rows_eo_with(dot_eo_fn dot, size_t L, float *out, const uint16_t *W, size_t n_in,
+                         const float *x, size_t lo, size_t hi, float beta)
 {
     float xp[EO_MAX] __attribute__((aligned(64)));
-    eo_permute16(xp, x, n_in);
+    eo_permute(xp, x, n_in, L);
     for (size_t r = lo; r < hi; r++) {
-        const float v = dot_eo_avx2(W + r * n_in, xp, x, n_in);
+        const float v = dot(W + r * n_in, xp, x, n_in);
         out[r] = beta == 0.0f ? v : beta * out[r] + v;
     }
+}
+
+static void rows_eo(float *out, const uint16_t *W, size_t n_in, const float *x, size_t lo,
+                    size_t hi, float beta)
+{
+    rows_eo_with(dot_eo, 16, out, W, n_in, x, lo, hi, beta);
+}
+
+static void rows_eo_avx2(float *out, const uint16_t *W, size_t n_in, const float *x, size_t lo,
+                         size_t hi, float beta)
+{
+    rows_eo_with(dot_eo_avx2, 8, out, W, n_in, x, lo, hi, beta);
 }
 #endif
 
@@ -397,8 +391,7 @@ __attribute__((target("avx512f"))) static void widen_avx512(uint32_t *restrict d
         const __m256i h = _mm256_loadu_si256((const __m256i *)(src + i));
         _mm512_storeu_si512((void *)(d + i), _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     }
-    for (; i < n; i++)
-        d[i] = (uint32_t)src[i] << 16;
+    widen_generic(d + i, src + i, n - i);
 }
 
 __attribute__((target("avx2"))) static void widen_avx2(uint32_t *restrict d,
@@ -409,8 +402,7 @@ __attribute__((target("avx2"))) static void widen_avx2(uint32_t *restrict d,
         const __m128i h = _mm_loadu_si128((const __m128i *)(src + i));
         _mm256_storeu_si256((__m256i *)(d + i), _mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     }
-    for (; i < n; i++)
-        d[i] = (uint32_t)src[i] << 16;
+    widen_generic(d + i, src + i, n - i);
 }
 #endif
 
