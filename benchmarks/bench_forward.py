@@ -27,7 +27,9 @@ with every round's value printed. Transformers' sides run once.
 Then, as this machine's bandwidth moves even between minutes, our three
 models are loaded into one process (8.8 GB) and take turns, --alternate
 rounds of a prefill and --decode steps each, and the ratios of each round's
-adjacent turns are reported as medians, with every round's value.
+adjacent turns are reported as medians, with every round's value. Where the
+CPU has AVX-512F (bf16 prefill by csrc/gemm.c's product), a fourth turn runs
+the mapped model with the other path (W widened for OpenBLAS's sgemm).
 
 Usage: python benchmarks/bench_forward.py [--threads 2] [--workdir DIR] [--decode 32] [--rounds 3]
                                           [--alternate 5]
@@ -126,11 +128,17 @@ def run_alternated(folder: Path, threads: int, n_decode: int, rounds: int) -> di
     for m in models.values():  # warm-up
         m._rt.reset()
         m._rt.forward(prompt[:16], 0, False)
-    out: dict = {k: {"prefill_tps": [], "decode_tps": []} for k in models}
     names = list(models)
+    # bf16 prefill's other path (W widened for OpenBLAS's sgemm) on the mapped
+    # model, where gemm.c's product is the default: a turn of its own
+    if pcasurgery._C.bf16_prefill("auto") != "sgemm":
+        names.append("bfloat16-sgemm")
+        models["bfloat16-sgemm"] = models["bfloat16"]
+    out: dict = {k: {"prefill_tps": [], "decode_tps": []} for k in names}
     for r in range(rounds):
-        for k in names[r % 3:] + names[:r % 3]:
+        for k in names[r % len(names):] + names[:r % len(names)]:
             m = models[k]
+            pcasurgery._C.bf16_prefill("sgemm" if k == "bfloat16-sgemm" else "auto")
             m._rt.reset()
             t0 = time.perf_counter()
             logits = m._rt.forward(prompt, 0, False)
@@ -247,7 +255,8 @@ def main() -> None:
           f"ready in {time.perf_counter() - t0:.0f} s)")
     import pcasurgery
 
-    print(f"our bf16 kernel on this CPU: {pcasurgery._C.bf16_kernel()}")
+    print(f"our bf16 kernel on this CPU: decode {pcasurgery._C.bf16_kernel()}, prefill "
+          f"{pcasurgery._C.bf16_prefill()}")
     ours = ["ours:float32", "ours:bfloat16", "ours:bfloat16-copied"]
     rounds: list[dict] = []
     res = {}
@@ -310,6 +319,15 @@ def main() -> None:
                 per = [v / f for v, f in zip(alt[side][key], alt["float32"][key])]
                 print(f"  ours {name} vs ours f32: {what} {np.median(per):.2f}x "
                       f"(rounds: {', '.join(f'{v:.2f}' for v in per)}) ({target})")
+        if "bfloat16-sgemm" in alt:
+            per = [v / f for v, f in zip(alt["bfloat16"]["prefill_tps"],
+                                         alt["bfloat16-sgemm"]["prefill_tps"])]
+            print(f"  bf16 mmap prefill, gemm.c's product vs W widened for sgemm (the other "
+                  f"path): {np.median(per):.2f}x (rounds: {', '.join(f'{v:.2f}' for v in per)})")
+            per = [v / f for v, f in zip(alt["bfloat16-sgemm"]["prefill_tps"],
+                                         alt["float32"]["prefill_tps"])]
+            print(f"  bf16 mmap prefill by the sgemm path vs ours f32: {np.median(per):.2f}x "
+                  f"(rounds: {', '.join(f'{v:.2f}' for v in per)})")
         print("  tok/s, medians: " + ", ".join(
             f"{k} prefill {np.median(v['prefill_tps']):.1f} decode {np.median(v['decode_tps']):.2f}"
             for k, v in alt.items()))

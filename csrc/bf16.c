@@ -441,6 +441,7 @@ typedef struct {
     size_t T, n_in, n_out, per; /* per: each thread's floats of buf */
     float beta;
     float *buf;
+    int gemm;           /* bf16 W by gemm.c's product (pcs_gemm_bf16_rows) */
 } MatmulJob;
 
 /* A slab's width is at least SLAB_MIN columns of W (or all of them). */
@@ -471,6 +472,11 @@ static void matmul_task(void *arg, int id, int n)
     const MatmulJob *j = arg;
     size_t lo, hi;
     pcs_thread_rows(j->n_out, id, n, &lo, &hi);
+    if (j->gemm) {
+        pcs_gemm_bf16_rows(j->out, j->ldo, j->x, j->ldx, j->W, j->n_in, j->T, lo, hi, j->beta,
+                           j->buf + (size_t)id * j->per, j->per);
+        return;
+    }
     size_t R = hi - lo, kb = j->n_in;
     if (j->W && R * kb > j->per) {
         kb = j->per / R / 64 * 64;
@@ -509,13 +515,17 @@ void pcs_matmul_bf16(float *out, size_t ldo, const float *x, size_t ldx, const u
     if (n_threads < 1 || !pool || buf_floats / (size_t)n_threads < n_in)
         n_threads = 1; /* each thread needs a row of buf at least */
     MatmulJob j = {out, ldo, x, ldx, W, NULL, T, n_in, n_out, buf_floats / (size_t)n_threads,
-                   beta, buf};
+                   beta, buf, 0};
+    /* gemm.c's product where each thread's scratch holds 64 tokens (fewer
+     * would repack W too often) */
+    j.gemm = pool && pcs_gemm_bf16_on() &&
+             j.per >= pcs_gemm_bf16_pack_floats(T < 64 ? T : 64);
     pcs_parallel(matmul_task, &j, n_threads);
 }
 
 void pcs_matmul_rows(float *out, size_t ldo, const float *x, size_t ldx, const float *W,
                      size_t T, size_t n_in, size_t n_out, float beta, int n_threads)
 {
-    MatmulJob j = {out, ldo, x, ldx, NULL, W, T, n_in, n_out, 0, beta, NULL};
+    MatmulJob j = {out, ldo, x, ldx, NULL, W, T, n_in, n_out, 0, beta, NULL, 0};
     pcs_parallel(matmul_task, &j, n_threads);
 }

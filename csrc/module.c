@@ -1861,6 +1861,80 @@ static PyObject *bf16_nonfinite(PyObject *module, PyObject *arg)
     return at == n ? PyLong_FromLong(-1) : PyLong_FromSize_t(at);
 }
 
+PyDoc_STRVAR(matmul_bf16_doc, "matmul_bf16(out, x, W, beta, n_threads, scratch=0, /)\n--\n\n"
+"out (T, n) = beta * out + x (T, K) W^T on n_threads of pcasurgery's threads,\n"
+"as prefill computes it with bf16 weights: W (n, K) C-contiguous uint16 bf16\n"
+"bits; x and out float32 with unit column stride (rows may be strided).\n"
+"scratch: floats of buffer per thread (0: enough for 512 tokens). For tests\n"
+"and benchmarks of the two paths (bf16_prefill).");
+
+static int row_strided(PyObject *o, int type, int writable, const char *name, npy_intp *ld)
+{
+    PyArrayObject *a = (PyArrayObject *)o;
+    const npy_intp es = type == NPY_FLOAT32 ? 4 : 2;
+    if (!PyArray_Check(o) || PyArray_TYPE(a) != type || PyArray_NDIM(a) != 2 ||
+        !PyArray_ISALIGNED(a) || (writable && !PyArray_ISWRITEABLE(a)) ||
+        (PyArray_DIM(a, 1) > 1 && PyArray_STRIDE(a, 1) != es) || PyArray_STRIDE(a, 0) % es ||
+        PyArray_STRIDE(a, 0) / es < PyArray_DIM(a, 1)) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s must be a%s 2-D %s array with contiguous rows (ascending)", name,
+                     writable ? " writable" : "", type == NPY_FLOAT32 ? "float32" : "uint16");
+        return -1;
+    }
+    *ld = PyArray_DIM(a, 0) > 1 ? PyArray_STRIDE(a, 0) / es : PyArray_DIM(a, 1);
+    return 0;
+}
+
+static PyObject *matmul_bf16(PyObject *module, PyObject *args)
+{
+    PyObject *o_out, *o_x, *o_w;
+    float beta;
+    int n_threads;
+    Py_ssize_t scratch = 0;
+    if (!PyArg_ParseTuple(args, "OOOfi|n:matmul_bf16", &o_out, &o_x, &o_w, &beta, &n_threads,
+                          &scratch))
+        return NULL;
+    npy_intp ldo, ldx, ldw;
+    if (row_strided(o_out, NPY_FLOAT32, 1, "out", &ldo) ||
+        row_strided(o_x, NPY_FLOAT32, 0, "x", &ldx) ||
+        row_strided(o_w, NPY_UINT16, 0, "W", &ldw))
+        return NULL;
+    PyArrayObject *out = (PyArrayObject *)o_out, *x = (PyArrayObject *)o_x,
+                  *w = (PyArrayObject *)o_w;
+    const size_t T = (size_t)PyArray_DIM(x, 0), K = (size_t)PyArray_DIM(x, 1);
+    const size_t n = (size_t)PyArray_DIM(w, 0);
+    if ((size_t)PyArray_DIM(w, 1) != K || ldw != (npy_intp)K || (size_t)PyArray_DIM(out, 0) != T ||
+        (size_t)PyArray_DIM(out, 1) != n || T == 0 || K == 0 || n == 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "matmul_bf16: expected x (T, K), W (n, K) C-contiguous and out (T, n), "
+                     "none empty; got x (%zu, %zu), W (%zu, %zu), out (%zu, %zu)",
+                     T, K, n, (size_t)PyArray_DIM(w, 1), (size_t)PyArray_DIM(out, 0),
+                     (size_t)PyArray_DIM(out, 1));
+        return NULL;
+    }
+    if (n_threads < 1 || n_threads > max_blas_threads() || scratch < 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "matmul_bf16: n_threads must be 1..%ld and scratch >= 0, got %d and %zd",
+                     max_blas_threads(), n_threads, scratch);
+        return NULL;
+    }
+    size_t per = scratch ? (size_t)scratch : pcs_gemm_bf16_pack_floats(512);
+    if (per < K)
+        per = K;
+    float *buf = malloc(per * (size_t)n_threads * sizeof(float));
+    if (!buf)
+        return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    pcs_blas_threads_off();
+    pcs_matmul_bf16((float *)PyArray_DATA(out), (size_t)ldo, (const float *)PyArray_DATA(x),
+                    (size_t)ldx, (const unsigned short *)PyArray_DATA(w), T, K, n, beta, buf,
+                    per * (size_t)n_threads, n_threads, 1);
+    pcs_blas_threads_on();
+    Py_END_ALLOW_THREADS
+    free(buf);
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(bf16_kernel_doc, "bf16_kernel()\n--\n\n"
 "The bf16 dot-product kernel chosen for this CPU at run time: 'avx512f',\n"
 "'avx2+fma' or 'generic'.");
@@ -1879,17 +1953,39 @@ PyDoc_STRVAR(attn_kernel_doc, "attn_kernel(name=None, /)\n--\n\n"
 "(PCASURGERY_ATTN_KERNEL=blas does at import); both compute the same\n"
 "function, summed in a different order.");
 
-static PyObject *attn_kernel(PyObject *module, PyObject *args)
+/* fn(name=None): name `other` or 'auto' set by set(); get()'s name back */
+static PyObject *kernel_switch(PyObject *args, const char *fn, const char *other,
+                               int (*set)(const char *), const char *(*get)(void))
 {
     const char *name = NULL;
-    if (!PyArg_ParseTuple(args, "|z:attn_kernel", &name))
+    char fmt[64];
+    snprintf(fmt, sizeof fmt, "|z:%s", fn);
+    if (!PyArg_ParseTuple(args, fmt, &name))
         return NULL;
-    if (name && pcs_attn_set_kernel(name) != PCS_OK) {
-        PyErr_Format(PyExc_ValueError, "attn_kernel: name must be 'blas' or 'auto', got '%s'",
+    if (name && set(name) != PCS_OK) {
+        PyErr_Format(PyExc_ValueError, "%s: name must be '%s' or 'auto', got '%s'", fn, other,
                      name);
         return NULL;
     }
-    return PyUnicode_FromString(pcs_attn_kernel());
+    return PyUnicode_FromString(get());
+}
+
+static PyObject *attn_kernel(PyObject *module, PyObject *args)
+{
+    return kernel_switch(args, "attn_kernel", "blas", pcs_attn_set_kernel, pcs_attn_kernel);
+}
+
+PyDoc_STRVAR(bf16_prefill_doc, "bf16_prefill(name=None, /)\n--\n\n"
+"What prefill's products with bf16 weights run on: 'avx512f' (pcasurgery's\n"
+"GEMM, packing W straight from bf16; AVX-512F CPUs) or 'sgemm' (W's rows\n"
+"widened into a float32 buffer for OpenBLAS's sgemm). name 'sgemm' or\n"
+"'auto' sets it first (PCASURGERY_BF16_PREFILL=sgemm makes 'sgemm' the\n"
+"default); both compute the same float32 products, summed in a different\n"
+"order.");
+
+static PyObject *bf16_prefill(PyObject *module, PyObject *args)
+{
+    return kernel_switch(args, "bf16_prefill", "sgemm", pcs_gemm_bf16_set, pcs_gemm_bf16_name);
 }
 
 static PyObject *blas_library(PyObject *module, PyObject *unused)
@@ -1924,6 +2020,8 @@ static PyMethodDef methods[] = {
      "blas_library($module, /)\n--\n\nPath of the shared library that provides our BLAS."},
     {"bf16_kernel", bf16_kernel, METH_NOARGS, bf16_kernel_doc},
     {"attn_kernel", attn_kernel, METH_VARARGS, attn_kernel_doc},
+    {"bf16_prefill", bf16_prefill, METH_VARARGS, bf16_prefill_doc},
+    {"matmul_bf16", matmul_bf16, METH_VARARGS, matmul_bf16_doc},
     {"bf16_nonfinite", bf16_nonfinite, METH_O, bf16_nonfinite_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -218,3 +218,92 @@ def test_every_decode_kernel_equals_transformers(folders, tmp_path, kernel):
     ref = transformers.LlamaForCausalLM.from_pretrained(folders["bf16"], dtype=torch.float32)
     tokens = np.random.default_rng(0).integers(3, 300, 40)
     assert_logits_close(np.load(tmp_path / "l.npy"), hf_logits(ref, tokens)[:-1])
+
+
+def _gemm_case(T, K, n, seed=0, ldx_pad=0):
+    rng = np.random.default_rng(seed)
+    xw = rng.standard_normal((T, K + ldx_pad)).astype(np.float32)
+    W = to_bf16_bits(rng.standard_normal((n, K)).astype(np.float32))
+    return xw[:, :K], W
+
+
+@pytest.fixture
+def prefill_paths():
+    """Both prefill paths of bf16 weights (gemm.c's where the CPU has
+    AVX-512F); the default is restored afterwards."""
+    paths = ["sgemm"]
+    if _C.bf16_prefill("auto") == "avx512f":
+        paths.append("auto")
+    yield paths
+    _C.bf16_prefill("auto")
+
+
+# T: one token, a part tile, tiles of 8; K: < 8, one 8-step tail, past
+# gemm.c's KC = 512 with a tail; n: 1, partial 16-column groups, whole and
+# partial 48-column panels, several of them
+@pytest.mark.parametrize("T,K,n", [(1, 5, 1), (7, 96, 104), (8, 200, 48), (13, 515, 49),
+                                   (150, 1100, 203), (9, 1030, 17), (64, 64, 97)])
+def test_prefill_product_equals_float64_on_every_edge(prefill_paths, T, K, n):
+    x, W = _gemm_case(T, K, n, ldx_pad=3)  # x's rows strided
+    ref = x.astype(np.float64) @ from_bf16_bits(W).astype(np.float64).T
+    for path in prefill_paths:
+        _C.bf16_prefill(path)
+        for threads in (1, 2, 3):
+            out = np.full((T, n), np.nan, np.float32)  # beta = 0: nothing of out is read
+            _C.matmul_bf16(out, x, W, 0.0, threads)
+            err = np.abs(out - ref).max() / np.abs(ref).max()
+            assert err < 1e-5, (path, threads, err)
+
+
+def test_prefill_gemm_is_the_same_on_any_thread_count_and_token_chunk(prefill_paths):
+    """Each output is one sum in one order whatever the split: the same bits
+    on 1-3 threads and when the scratch holds only 72 tokens at a time (W
+    packed again for each chunk; 64 is the least gemm.c is used with, and
+    the sgemm path's sums differ in their last bits)."""
+    if "auto" not in prefill_paths:
+        pytest.skip("this CPU has no AVX-512F: gemm.c's product is not used")
+    _C.bf16_prefill("auto")
+    x, W = _gemm_case(150, 1100, 203, seed=1)
+    outs = []
+    for threads, scratch in ((1, 0), (2, 0), (3, 0), (2, (240 + 72) * 512)):
+        out = np.empty((150, 203), np.float32)
+        _C.matmul_bf16(out, x, W, 0.0, threads, scratch)
+        outs.append(out)
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+    _C.bf16_prefill("sgemm")
+    ref = np.empty_like(outs[0])
+    _C.matmul_bf16(ref, x, W, 0.0, 2)
+    np.testing.assert_allclose(outs[0], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+def test_prefill_product_adds_beta_out_and_writes_only_its_columns(prefill_paths, beta):
+    x, W = _gemm_case(21, 530, 53, seed=2)
+    prod = x.astype(np.float64) @ from_bf16_bits(W).astype(np.float64).T
+    for path in prefill_paths:
+        _C.bf16_prefill(path)
+        wide = np.random.default_rng(3).standard_normal((21, 60)).astype(np.float32)
+        before = wide.copy()
+        out = wide[:, 4:57]  # row stride 60
+        _C.matmul_bf16(out, x, W, beta, 2)
+        np.testing.assert_array_equal(wide[:, :4], before[:, :4])
+        np.testing.assert_array_equal(wide[:, 57:], before[:, 57:])
+        want = beta * before[:, 4:57].astype(np.float64) + prod
+        assert np.abs(out - want).max() < 1e-5 * np.abs(want).max(), path
+
+
+def test_prefill_product_bad_input_is_named():
+    x, W = _gemm_case(4, 16, 8)
+    with pytest.raises(ValueError, match="bf16_prefill: name must be 'sgemm' or 'auto'"):
+        _C.bf16_prefill("fast")
+    with pytest.raises(ValueError, match=r"W \(8, 16\)"):
+        _C.matmul_bf16(np.empty((4, 9), np.float32), x, W, 0.0, 1)
+    with pytest.raises(TypeError, match="W must be a 2-D uint16"):
+        _C.matmul_bf16(np.empty((4, 8), np.float32), x, W.astype(np.int32), 0.0, 1)
+    with pytest.raises(TypeError, match="out must be a writable"):
+        ro = np.empty((4, 8), np.float32)
+        ro.flags.writeable = False
+        _C.matmul_bf16(ro, x, W, 0.0, 1)
+    with pytest.raises(ValueError, match="n_threads must be"):
+        _C.matmul_bf16(np.empty((4, 8), np.float32), x, W, 0.0, 0)

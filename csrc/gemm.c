@@ -1,0 +1,299 @@
+/* gemm.c: prefill's matrix product with bf16-resident weights, packing W
+ * straight from bf16 (AVX-512F, chosen at run time).
+ *
+ * Dimension legend: x (T, K) float32, row stride ldx; W (n, K) bf16 bits,
+ * row-major; out (T, n) float32, row stride ldo; a thread computes the
+ * columns lo..hi-1 of out (W's rows lo..hi-1).
+ *
+ * out[t, j] = beta out[t, j] + sum_k x[t, k] W[j, k], in float32 (the
+ * widened bf16 values are exact, so the products are those of a float32
+ * GEMM on the bf16-rounded weights; the sums run in another order than
+ * OpenBLAS's: equal to rounding).
+ *
+ * Why: the other path (bf16.c) widens W's rows into a float32 buffer and
+ * calls OpenBLAS's sgemm, which reads that buffer again to pack it: the
+ * weights cross the caches as 2 + 4 + 4 bytes each. Here the packing reads
+ * the bf16 rows once and writes the widened panels, which the kernel reads
+ * from L2, as BLIS does (Goto's blocking):
+ *   for each chunk of TB tokens and each KC-slice of K:
+ *     pack x (TB, KC) into tiles [tile][k][MR]           (L2 / L3)
+ *     for each MC rows of W:
+ *       pack W (MC, KC) widened into panels [panel][k][NR] (L2)
+ *       for each tile of MR tokens, for each panel of NR rows:
+ *         MR x NR outputs in 24 zmm registers, x broadcast, W loaded (L1)
+ * A tile's x (MR x KC, 16 KB) stays in L1 while the panels stream from L2.
+ * Alone on one core (AMD Zen 4) the kernel runs at the FMA peak from cache;
+ * the whole product at 1.03-1.07x the widening + sgemm path on the model's
+ * shapes (benchmarks/RESULTS.md).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "pcasurgery.h"
+#include "simd.h"
+
+/* MR tokens x NR outputs per kernel call; KC of K and MC of W's rows per
+ * packed block (MC x KC floats: 480 KB, in L2 with the x tile) */
+enum { MR = 8, NR = 48, KC = 512, MC = 5 * NR };
+
+size_t pcs_gemm_bf16_pack_floats(size_t T)
+{
+    const size_t tiles = (T + MR - 1) / MR;
+    return (size_t)MC * KC + (tiles < 1 ? 1 : tiles) * MR * KC;
+}
+
+/* 0: the widening + sgemm path; 1: this file's (where the CPU has it) */
+static int use_gemm = -1;
+
+static int cpu_has_gemm(void)
+{
+#ifdef PCS_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
+           __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+int pcs_gemm_bf16_set(const char *name)
+{
+    if (name && strcmp(name, "sgemm") == 0)
+        __atomic_store_n(&use_gemm, 0, __ATOMIC_RELAXED);
+    else if (!name || strcmp(name, "auto") == 0)
+        __atomic_store_n(&use_gemm, cpu_has_gemm(), __ATOMIC_RELAXED);
+    else
+        return PCS_ERR_ARG;
+    return PCS_OK;
+}
+
+int pcs_gemm_bf16_on(void)
+{
+    if (__atomic_load_n(&use_gemm, __ATOMIC_RELAXED) < 0) {
+        /* PCASURGERY_BF16_PREFILL=sgemm, or a bf16 kernel narrower than
+         * AVX-512F asked for (PCASURGERY_BF16_KERNEL): the other path */
+        const char *env = getenv("PCASURGERY_BF16_PREFILL");
+        const char *k = getenv("PCASURGERY_BF16_KERNEL");
+        const int narrow = k && (strcmp(k, "generic") == 0 || strcmp(k, "avx2+fma") == 0);
+        pcs_gemm_bf16_set((env && strcmp(env, "sgemm") == 0) || narrow ? "sgemm" : "auto");
+    }
+    return __atomic_load_n(&use_gemm, __ATOMIC_RELAXED);
+}
+
+const char *pcs_gemm_bf16_name(void)
+{
+    return pcs_gemm_bf16_on() ? "avx512f" : "sgemm";
+}
+
+#ifdef PCS_X86
+#define AVX2 __attribute__((target("avx2,fma")))
+#define AVX512 __attribute__((target("avx512f,avx2,fma")))
+
+/* the 8 x 8 block r transposed in registers */
+AVX2 static inline void transpose8(__m256 r[8])
+{
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xee);
+    const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xee);
+    const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xee);
+    const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xee);
+    r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+    r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+    r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+    r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+    r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+    r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+    r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+    r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+/* dst[k * ld + i] = src[i][k] for eight rows (NULL: a row of zeros), k < kc:
+ * float32 rows (x), or bf16 rows widened (W) */
+AVX2 static void pack8_f32(float *dst, size_t ld, const float *const src[8], size_t kc)
+{
+    size_t k = 0;
+    for (; k + 8 <= kc; k += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 8; i++)
+            r[i] = src[i] ? _mm256_loadu_ps(src[i] + k) : _mm256_setzero_ps();
+        transpose8(r);
+        for (int i = 0; i < 8; i++)
+            _mm256_storeu_ps(dst + (k + (size_t)i) * ld, r[i]);
+    }
+    for (; k < kc; k++)
+        for (int i = 0; i < 8; i++)
+            dst[k * ld + (size_t)i] = src[i] ? src[i][k] : 0.0f;
+}
+
+AVX2 static void pack8_bf16(float *dst, size_t ld, const uint16_t *const src[8], size_t kc)
+{
+    size_t k = 0;
+    for (; k + 8 <= kc; k += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 8; i++) {
+            if (!src[i]) {
+                r[i] = _mm256_setzero_ps();
+                continue;
+            }
+            const __m128i h = _mm_loadu_si128((const __m128i *)(src[i] + k));
+            r[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        }
+        transpose8(r);
+        for (int i = 0; i < 8; i++)
+            _mm256_storeu_ps(dst + (k + (size_t)i) * ld, r[i]);
+    }
+    for (; k < kc; k++)
+        for (int i = 0; i < 8; i++) {
+            const uint32_t u = src[i] ? (uint32_t)src[i][k] << 16 : 0;
+            memcpy(dst + k * ld + (size_t)i, &u, sizeof u);
+        }
+}
+
+/* out (rows <= MR, cols <= 16 nj) = beta out + xp (kc, MR) . wp (kc, NR
+ * stride; its first 16 nj columns): nj zmm columns for each of 8 tokens
+ * (8 nj accumulators, 24 at most), x broadcast from the packed tile */
+AVX512 static inline __attribute__((always_inline)) void
+kernel(int nj, float *out, size_t ldo, const float *xp, const float *wp, size_t kc, float beta,
+       size_t rows, size_t cols)
+{
+    const __m512 z = _mm512_setzero_ps();
+    __m512 c00 = z, c01 = z, c02 = z, c10 = z, c11 = z, c12 = z, c20 = z, c21 = z, c22 = z;
+    __m512 c30 = z, c31 = z, c32 = z, c40 = z, c41 = z, c42 = z, c50 = z, c51 = z, c52 = z;
+    __m512 c60 = z, c61 = z, c62 = z, c70 = z, c71 = z, c72 = z;
+    for (size_t k = 0; k < kc; k++, wp += NR, xp += MR) {
+        const __m512 b0 = _mm512_loadu_ps(wp);
+        const __m512 b1 = nj > 1 ? _mm512_loadu_ps(wp + 16) : z;
+        const __m512 b2 = nj > 2 ? _mm512_loadu_ps(wp + 32) : z;
+        __m512 a;
+#define PCS_ROW(i)                                            \
+    a = _mm512_set1_ps(xp[i]);                                \
+    c##i##0 = _mm512_fmadd_ps(a, b0, c##i##0);                \
+    if (nj > 1)                                               \
+        c##i##1 = _mm512_fmadd_ps(a, b1, c##i##1);            \
+    if (nj > 2)                                               \
+        c##i##2 = _mm512_fmadd_ps(a, b2, c##i##2);
+        PCS_ROW(0)
+        PCS_ROW(1)
+        PCS_ROW(2)
+        PCS_ROW(3)
+        PCS_ROW(4)
+        PCS_ROW(5)
+        PCS_ROW(6)
+        PCS_ROW(7)
+#undef PCS_ROW
+    }
+    /* columns 16 j.. of the tile: a mask for the last, partial group */
+    __mmask16 m[3];
+    for (int j = 0; j < 3; j++) {
+        const size_t left = cols > (size_t)(16 * j) ? cols - (size_t)(16 * j) : 0;
+        m[j] = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+    }
+    const __m512 vb = _mm512_set1_ps(beta);
+#define PCS_PUT(i, j)                                                                      \
+    if (nj > j) {                                                                          \
+        float *o = out + (size_t)(i) * ldo + 16 * j;                                       \
+        const __m512 v = beta == 0.0f ? c##i##j                                            \
+                                      : _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m[j], o), \
+                                                        c##i##j);                          \
+        _mm512_mask_storeu_ps(o, m[j], v);                                                 \
+    }
+#define PCS_STORE(i)    \
+    if (rows > (i)) {   \
+        PCS_PUT(i, 0)   \
+        PCS_PUT(i, 1)   \
+        PCS_PUT(i, 2)   \
+    }
+    PCS_STORE(0)
+    PCS_STORE(1)
+    PCS_STORE(2)
+    PCS_STORE(3)
+    PCS_STORE(4)
+    PCS_STORE(5)
+    PCS_STORE(6)
+    PCS_STORE(7)
+#undef PCS_STORE
+#undef PCS_PUT
+}
+
+AVX512 static void kernel1(float *out, size_t ldo, const float *xp, const float *wp, size_t kc,
+                           float beta, size_t rows, size_t cols)
+{
+    kernel(1, out, ldo, xp, wp, kc, beta, rows, cols);
+}
+
+AVX512 static void kernel2(float *out, size_t ldo, const float *xp, const float *wp, size_t kc,
+                           float beta, size_t rows, size_t cols)
+{
+    kernel(2, out, ldo, xp, wp, kc, beta, rows, cols);
+}
+
+AVX512 static void kernel3(float *out, size_t ldo, const float *xp, const float *wp, size_t kc,
+                           float beta, size_t rows, size_t cols)
+{
+    kernel(3, out, ldo, xp, wp, kc, beta, rows, cols);
+}
+
+void pcs_gemm_bf16_rows(float *out, size_t ldo, const float *x, size_t ldx,
+                        const unsigned short *W, size_t K, size_t T, size_t lo, size_t hi,
+                        float beta, float *pack, size_t pack_floats)
+{
+    if (T == 0 || lo >= hi)
+        return;
+    /* pack: W's block (MC x KC), then x's tiles; as many tokens at a time
+     * as fit (the caller gives at least pcs_gemm_bf16_pack_floats(1)) */
+    float *wpack = pack, *xpack = pack + (size_t)MC * KC;
+    size_t TB = (pack_floats - (size_t)MC * KC) / KC / MR * MR;
+    if (TB > (T + MR - 1) / MR * MR)
+        TB = (T + MR - 1) / MR * MR;
+    const uint16_t *Wb = (const uint16_t *)W;
+    for (size_t t0 = 0; t0 < T; t0 += TB) {
+        const size_t tb = T - t0 < TB ? T - t0 : TB;
+        for (size_t pc = 0; pc < K; pc += KC) {
+            const size_t kc = K - pc < KC ? K - pc : KC;
+            const float b = pc == 0 ? beta : 1.0f;
+            for (size_t t = 0; t < tb; t += MR) {
+                const float *src[8];
+                for (size_t i = 0; i < MR; i++)
+                    src[i] = t + i < tb ? x + (t0 + t + i) * ldx + pc : NULL;
+                pack8_f32(xpack + t * kc, MR, src, kc);
+            }
+            for (size_t ic = lo; ic < hi; ic += MC) {
+                const size_t mc = hi - ic < MC ? hi - ic : MC;
+                /* up to a multiple of 16: the columns a kernel reads */
+                for (size_t r = 0; r < (mc + 15) / 16 * 16; r += 8) {
+                    const uint16_t *src[8];
+                    for (size_t i = 0; i < 8; i++)
+                        src[i] = r + i < mc ? Wb + (ic + r + i) * K + pc : NULL;
+                    pack8_bf16(wpack + r / NR * NR * kc + r % NR, NR, src, kc);
+                }
+                for (size_t t = 0; t < tb; t += MR) {
+                    const size_t rows = tb - t < MR ? tb - t : MR;
+                    float *o = out + (t0 + t) * ldo + ic;
+                    for (size_t j = 0; j < mc; j += NR) {
+                        const size_t cols = mc - j < NR ? mc - j : NR;
+                        const float *xp = xpack + t * kc, *wp = wpack + j * kc;
+                        if (cols > 32)
+                            kernel3(o + j, ldo, xp, wp, kc, b, rows, cols);
+                        else if (cols > 16)
+                            kernel2(o + j, ldo, xp, wp, kc, b, rows, cols);
+                        else
+                            kernel1(o + j, ldo, xp, wp, kc, b, rows, cols);
+                    }
+                }
+            }
+        }
+    }
+}
+#else
+void pcs_gemm_bf16_rows(float *out, size_t ldo, const float *x, size_t ldx,
+                        const unsigned short *W, size_t K, size_t T, size_t lo, size_t hi,
+                        float beta, float *pack, size_t pack_floats)
+{
+    (void)out, (void)ldo, (void)x, (void)ldx, (void)W, (void)K, (void)T, (void)lo, (void)hi;
+    (void)beta, (void)pack, (void)pack_floats; /* never called: cpu_has_gemm() is 0 */
+}
+#endif
