@@ -519,7 +519,7 @@ void pcs_matmul_bf16(float *out, size_t ldo, const float *x, size_t ldx, const u
     /* gemm.c's product where each thread's scratch holds 64 tokens (fewer
      * would repack W too often) */
     j.gemm = pool && pcs_gemm_bf16_on() &&
-             j.per >= pcs_gemm_bf16_pack_floats(T < 64 ? T : 64);
+             j.per >= pcs_gemm_bf16_pack_floats(T < 64 ? T : 64, n_in);
     pcs_parallel(matmul_task, &j, n_threads);
 }
 

@@ -1,5 +1,6 @@
 /* gemm.c: prefill's matrix product with bf16-resident weights, packing W
- * straight from bf16 (AVX-512F, chosen at run time).
+ * straight from bf16 (AVX-512F, chosen at run time; other CPUs keep
+ * bf16.c's widening + sgemm path, see cpu_gemm).
  *
  * Dimension legend: x (T, K) float32, row stride ldx; W (n, K) bf16 bits,
  * row-major; out (T, n) float32, row stride ldo; a thread computes the
@@ -14,17 +15,19 @@
  * calls OpenBLAS's sgemm, which reads that buffer again to pack it: the
  * weights cross the caches as 2 + 4 + 4 bytes each. Here the packing reads
  * the bf16 rows once and writes the widened panels, which the kernel reads
- * from L2, as BLIS does (Goto's blocking):
- *   for each chunk of TB tokens and each KC-slice of K:
- *     pack x (TB, KC) into tiles [tile][k][MR]           (L2 / L3)
- *     for each MC rows of W:
- *       pack W (MC, KC) widened into panels [panel][k][NR] (L2)
- *       for each tile of MR tokens, for each panel of NR rows:
- *         MR x NR outputs in 24 zmm registers, x broadcast, W loaded (L1)
- * A tile's x (MR x KC, 16 KB) stays in L1 while the panels stream from L2.
- * Alone on one core (AMD Zen 4) the kernel runs at the FMA peak from cache;
- * the whole product at 1.03-1.07x the widening + sgemm path on the model's
- * shapes (benchmarks/RESULTS.md).
+ * from L2, as BLIS does (Goto's blocking, with W's panels packed whole):
+ *   for each chunk of TB tokens:
+ *     pack x (TB, K) into tiles [KC-slice][tile][k][MR]       (L3)
+ *     for each panel of NR rows of W:
+ *       pack them widened, each row read whole, [KC-slice][k][NR] (L2)
+ *       for each KC-slice, for each tile of MR tokens:
+ *         MR x NR outputs in 24 zmm registers, x broadcast, W loaded
+ * A slice of a panel (NR x KC, 96 KB) stays in L2 while the x tiles (MR x
+ * KC, 16 KB) pass through L1. Rows read whole, not KC at a time: from a
+ * memory-mapped checkpoint (4 KiB pages) that made prefill ~6% faster.
+ * Alone on one core (AMD Zen 4) the kernel runs at the FMA peak from
+ * cache; the model's prefill is 1.04-1.08x the widening + sgemm path's
+ * (benchmarks/RESULTS.md).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -33,23 +36,31 @@
 #include "pcasurgery.h"
 #include "simd.h"
 
-/* MR tokens x NR outputs per kernel call; KC of K and MC of W's rows per
- * packed block (MC x KC floats: 480 KB, in L2 with the x tile) */
-enum { MR = 8, NR = 48, KC = 512, MC = 5 * NR };
+/* MR tokens x NR outputs per kernel call, KC of K at a time */
+enum { MR = 8, NR = 48, KC = 512 };
 
-size_t pcs_gemm_bf16_pack_floats(size_t T)
+size_t pcs_gemm_bf16_pack_floats(size_t T, size_t K)
 {
     const size_t tiles = (T + MR - 1) / MR;
-    return (size_t)MC * KC + (tiles < 1 ? 1 : tiles) * MR * KC;
+    return ((size_t)NR + (tiles < 1 ? 1 : tiles) * MR) * K;
 }
 
-/* 0: the widening + sgemm path; 1: this file's (where the CPU has it) */
+/* 0: the widening + sgemm path; 1: this file's (AVX-512F); -1: not chosen
+ * yet (atomic: set while another thread runs a prefill) */
 static int use_gemm = -1;
 
-static int cpu_has_gemm(void)
+/* AVX-512F, unless PCASURGERY_BF16_KERNEL asks for a narrower kernel. An
+ * AVX2 version (4 x 24 outputs in 12 ymm registers, each 8 x 48 block in
+ * four calls) ran the TinyLlama-shaped prefill at 0.79x the widening +
+ * sgemm path on an AMD Zen 4 (ymm FMAs at the zmm rate): CPUs without
+ * AVX-512F keep that path. */
+static int cpu_gemm(void)
 {
 #ifdef PCS_X86
     __builtin_cpu_init();
+    const char *k = getenv("PCASURGERY_BF16_KERNEL");
+    if (k && (strcmp(k, "generic") == 0 || strcmp(k, "avx2+fma") == 0))
+        return 0;
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
            __builtin_cpu_supports("fma");
 #else
@@ -59,24 +70,22 @@ static int cpu_has_gemm(void)
 
 int pcs_gemm_bf16_set(const char *name)
 {
+    int g;
     if (name && strcmp(name, "sgemm") == 0)
-        __atomic_store_n(&use_gemm, 0, __ATOMIC_RELAXED);
-    else if (!name || strcmp(name, "auto") == 0)
-        __atomic_store_n(&use_gemm, cpu_has_gemm(), __ATOMIC_RELAXED);
+        g = 0;
+    else if (!name || strcmp(name, "auto") == 0 || strcmp(name, "avx512f") == 0)
+        g = cpu_gemm(); /* where the CPU has it */
     else
         return PCS_ERR_ARG;
+    __atomic_store_n(&use_gemm, g, __ATOMIC_RELAXED);
     return PCS_OK;
 }
 
 int pcs_gemm_bf16_on(void)
 {
     if (__atomic_load_n(&use_gemm, __ATOMIC_RELAXED) < 0) {
-        /* PCASURGERY_BF16_PREFILL=sgemm, or a bf16 kernel narrower than
-         * AVX-512F asked for (PCASURGERY_BF16_KERNEL): the other path */
         const char *env = getenv("PCASURGERY_BF16_PREFILL");
-        const char *k = getenv("PCASURGERY_BF16_KERNEL");
-        const int narrow = k && (strcmp(k, "generic") == 0 || strcmp(k, "avx2+fma") == 0);
-        pcs_gemm_bf16_set((env && strcmp(env, "sgemm") == 0) || narrow ? "sgemm" : "auto");
+        pcs_gemm_bf16_set(env && strcmp(env, "sgemm") == 0 ? "sgemm" : "auto");
     }
     return __atomic_load_n(&use_gemm, __ATOMIC_RELAXED);
 }
@@ -237,53 +246,67 @@ AVX512 static void kernel3(float *out, size_t ldo, const float *xp, const float 
     kernel(3, out, ldo, xp, wp, kc, beta, rows, cols);
 }
 
+/* out (rows <= MR, cols <= NR) from a packed tile and panel */
+static void block(float *out, size_t ldo, const float *xp, const float *wp, size_t kc,
+                  float beta, size_t rows, size_t cols)
+{
+    if (cols > 32)
+        kernel3(out, ldo, xp, wp, kc, beta, rows, cols);
+    else if (cols > 16)
+        kernel2(out, ldo, xp, wp, kc, beta, rows, cols);
+    else
+        kernel1(out, ldo, xp, wp, kc, beta, rows, cols);
+}
+
 void pcs_gemm_bf16_rows(float *out, size_t ldo, const float *x, size_t ldx,
                         const unsigned short *W, size_t K, size_t T, size_t lo, size_t hi,
                         float beta, float *pack, size_t pack_floats)
 {
-    if (T == 0 || lo >= hi)
+    if (T == 0 || lo >= hi || !pcs_gemm_bf16_on())
         return;
-    /* pack: W's block (MC x KC), then x's tiles; as many tokens at a time
-     * as fit (the caller gives at least pcs_gemm_bf16_pack_floats(1)) */
-    float *wpack = pack, *xpack = pack + (size_t)MC * KC;
-    size_t TB = (pack_floats - (size_t)MC * KC) / KC / MR * MR;
+    /* pack: one panel of W (NR rows x K), then x's tiles (TB tokens x K);
+     * as many tokens at a time as fit (the caller gives at least
+     * pcs_gemm_bf16_pack_floats(1, K)). Both are laid out by KC-slice: the
+     * slice at k0 starts at k0 * NR (W) and k0 * TB (x). */
+    float *wpack = pack, *xpack = pack + (size_t)NR * K;
+    size_t TB = (pack_floats - (size_t)NR * K) / K / MR * MR;
     if (TB > (T + MR - 1) / MR * MR)
         TB = (T + MR - 1) / MR * MR;
     const uint16_t *Wb = (const uint16_t *)W;
     for (size_t t0 = 0; t0 < T; t0 += TB) {
         const size_t tb = T - t0 < TB ? T - t0 : TB;
-        for (size_t pc = 0; pc < K; pc += KC) {
-            const size_t kc = K - pc < KC ? K - pc : KC;
-            const float b = pc == 0 ? beta : 1.0f;
-            for (size_t t = 0; t < tb; t += MR) {
-                const float *src[8];
+        for (size_t t = 0; t < tb; t += MR) {
+            const float *src[8];
+            for (size_t i = 0; i < MR; i++)
+                src[i] = t + i < tb ? x + (t0 + t + i) * ldx : NULL;
+            for (size_t k0 = 0; k0 < K; k0 += KC) {
+                const float *s8[8];
                 for (size_t i = 0; i < MR; i++)
-                    src[i] = t + i < tb ? x + (t0 + t + i) * ldx + pc : NULL;
-                pack8_f32(xpack + t * kc, MR, src, kc);
+                    s8[i] = src[i] ? src[i] + k0 : NULL;
+                pack8_f32(xpack + k0 * TB + t * (K - k0 < KC ? K - k0 : KC), MR, s8,
+                          K - k0 < KC ? K - k0 : KC);
             }
-            for (size_t ic = lo; ic < hi; ic += MC) {
-                const size_t mc = hi - ic < MC ? hi - ic : MC;
-                /* up to a multiple of 16: the columns a kernel reads */
-                for (size_t r = 0; r < (mc + 15) / 16 * 16; r += 8) {
-                    const uint16_t *src[8];
+        }
+        for (size_t j = lo; j < hi; j += NR) {
+            const size_t cols = hi - j < NR ? hi - j : NR;
+            /* the panel's rows, each read whole (zero rows past cols) */
+            for (size_t r = 0; r < NR; r += 8) {
+                const uint16_t *src[8];
+                for (size_t i = 0; i < 8; i++)
+                    src[i] = r + i < cols ? Wb + (j + r + i) * K : NULL;
+                for (size_t k0 = 0; k0 < K; k0 += KC) {
+                    const uint16_t *s8[8];
                     for (size_t i = 0; i < 8; i++)
-                        src[i] = r + i < mc ? Wb + (ic + r + i) * K + pc : NULL;
-                    pack8_bf16(wpack + r / NR * NR * kc + r % NR, NR, src, kc);
+                        s8[i] = src[i] ? src[i] + k0 : NULL;
+                    pack8_bf16(wpack + k0 * NR + r, NR, s8, K - k0 < KC ? K - k0 : KC);
                 }
-                for (size_t t = 0; t < tb; t += MR) {
-                    const size_t rows = tb - t < MR ? tb - t : MR;
-                    float *o = out + (t0 + t) * ldo + ic;
-                    for (size_t j = 0; j < mc; j += NR) {
-                        const size_t cols = mc - j < NR ? mc - j : NR;
-                        const float *xp = xpack + t * kc, *wp = wpack + j * kc;
-                        if (cols > 32)
-                            kernel3(o + j, ldo, xp, wp, kc, b, rows, cols);
-                        else if (cols > 16)
-                            kernel2(o + j, ldo, xp, wp, kc, b, rows, cols);
-                        else
-                            kernel1(o + j, ldo, xp, wp, kc, b, rows, cols);
-                    }
-                }
+            }
+            for (size_t k0 = 0; k0 < K; k0 += KC) {
+                const size_t kc = K - k0 < KC ? K - k0 : KC;
+                const float b = k0 == 0 ? beta : 1.0f;
+                for (size_t t = 0; t < tb; t += MR)
+                    block(out + (t0 + t) * ldo + j, ldo, xpack + k0 * TB + t * kc,
+                          wpack + k0 * NR, kc, b, tb - t < MR ? tb - t : MR, cols);
             }
         }
     }
@@ -294,6 +317,6 @@ void pcs_gemm_bf16_rows(float *out, size_t ldo, const float *x, size_t ldx,
                         float beta, float *pack, size_t pack_floats)
 {
     (void)out, (void)ldo, (void)x, (void)ldx, (void)W, (void)K, (void)T, (void)lo, (void)hi;
-    (void)beta, (void)pack, (void)pack_floats; /* never called: cpu_has_gemm() is 0 */
+    (void)beta, (void)pack, (void)pack_floats; /* never called: cpu_gemm() is 0 */
 }
 #endif

@@ -1918,7 +1918,7 @@ static PyObject *matmul_bf16(PyObject *module, PyObject *args)
                      max_blas_threads(), n_threads, scratch);
         return NULL;
     }
-    size_t per = scratch ? (size_t)scratch : pcs_gemm_bf16_pack_floats(512);
+    size_t per = scratch ? (size_t)scratch : pcs_gemm_bf16_pack_floats(512, K);
     if (per < K)
         per = K;
     float *buf = malloc(per * (size_t)n_threads * sizeof(float));
@@ -1977,15 +1977,17 @@ static PyObject *attn_kernel(PyObject *module, PyObject *args)
 
 PyDoc_STRVAR(bf16_prefill_doc, "bf16_prefill(name=None, /)\n--\n\n"
 "What prefill's products with bf16 weights run on: 'avx512f' (pcasurgery's\n"
-"GEMM, packing W straight from bf16; AVX-512F CPUs) or 'sgemm' (W's rows\n"
-"widened into a float32 buffer for OpenBLAS's sgemm). name 'sgemm' or\n"
-"'auto' sets it first (PCASURGERY_BF16_PREFILL=sgemm makes 'sgemm' the\n"
-"default); both compute the same float32 products, summed in a different\n"
-"order.");
+"GEMM, packing W straight from bf16; CPUs with AVX-512F) or 'sgemm' (W's\n"
+"rows widened into a float32 buffer for OpenBLAS's sgemm). name 'sgemm', or\n"
+"'avx512f' / 'auto' (it where the CPU has it), sets it first.\n"
+"PCASURGERY_BF16_PREFILL=sgemm makes 'sgemm' the default, as does\n"
+"PCASURGERY_BF16_KERNEL=avx2+fma or generic. Both compute the same float32\n"
+"products, summed in different orders.");
 
 static PyObject *bf16_prefill(PyObject *module, PyObject *args)
 {
-    return kernel_switch(args, "bf16_prefill", "sgemm", pcs_gemm_bf16_set, pcs_gemm_bf16_name);
+    return kernel_switch(args, "bf16_prefill", "sgemm', 'avx512f", pcs_gemm_bf16_set,
+                         pcs_gemm_bf16_name);
 }
 
 static PyObject *blas_library(PyObject *module, PyObject *unused)

@@ -309,7 +309,8 @@ void pcs_widen_bf16(float *dst, const unsigned short *src, size_t n, int n_threa
  * pool: W's rows split over n_threads of pool.c's threads, each with its
  * part of buf and single-threaded sgemm calls (the caller has OpenBLAS
  * single-threaded, pcs_blas_threads_off), or gemm.c's product where
- * pcs_gemm_bf16_on() and each part of buf holds its scratch for 64 tokens;
+ * pcs_gemm_bf16_on() and each part of buf holds its scratch for 64 tokens
+ * (pcs_gemm_bf16_pack_floats);
  * else this thread alone, its sgemm calls on OpenBLAS's threads. */
 void pcs_matmul_bf16(float *out, size_t ldo, const float *x, size_t ldx,
                      const unsigned short *W, size_t T, size_t n_in, size_t n_out, float beta,
@@ -324,19 +325,20 @@ const char *pcs_bf16_kernel(void);
 /* ---- prefill's product that packs bf16 W itself (gemm.c, AVX-512F) */
 /* out[:, lo:hi] (T rows, stride ldo) = beta * out + x (T, K) W[lo:hi]^T on
  * this thread, W (n, K) bf16 bits; pack: pack_floats of scratch, at least
- * pcs_gemm_bf16_pack_floats(1) (more: more tokens per packing of W) */
+ * pcs_gemm_bf16_pack_floats(1, K) (more: more tokens per packing of W). Does
+ * nothing while pcs_gemm_bf16_on() is 0. */
 void pcs_gemm_bf16_rows(float *out, size_t ldo, const float *x, size_t ldx,
                         const unsigned short *W, size_t K, size_t T, size_t lo, size_t hi,
                         float beta, float *pack, size_t pack_floats);
-/* scratch floats for T tokens at a time */
-size_t pcs_gemm_bf16_pack_floats(size_t T);
-/* 1 when pcs_matmul_bf16 uses it (AVX-512F, unless PCASURGERY_BF16_PREFILL
- * =sgemm or PCASURGERY_BF16_KERNEL names a narrower kernel, or after
- * pcs_gemm_bf16_set("sgemm")); name: "avx512f" or "sgemm" */
+/* scratch floats for T tokens at a time, K wide */
+size_t pcs_gemm_bf16_pack_floats(size_t T, size_t K);
+/* 1 when pcs_matmul_bf16 uses it: AVX-512F, unless PCASURGERY_BF16_KERNEL
+ * names a narrower kernel, PCASURGERY_BF16_PREFILL=sgemm, or after
+ * pcs_gemm_bf16_set("sgemm"); name: "avx512f" or "sgemm" */
 int pcs_gemm_bf16_on(void);
 const char *pcs_gemm_bf16_name(void);
-/* "sgemm": the widening + sgemm path; "auto" (or NULL): gemm.c's where the
- * CPU has AVX-512F. PCS_ERR_ARG for any other name. */
+/* "sgemm": the widening + sgemm path; "auto" (or NULL) or "avx512f":
+ * gemm.c's where the CPU has AVX-512F. PCS_ERR_ARG for any other name. */
 int pcs_gemm_bf16_set(const char *name);
 
 /* Index of the first NaN/Inf of n bf16 values, or n when all are finite

@@ -189,7 +189,9 @@ m._rt.reset()
 rows = [m._rt.forward(tokens[:1], 0, True)]
 rows += [m._rt.forward(np.array([t]), 1 + i, False) for i, t in enumerate(tokens[1:-1])]
 np.save(sys.argv[2], np.vstack(rows))
-print(_C.bf16_kernel())
+m._rt.reset()
+np.save(sys.argv[3], m._rt.forward(tokens[:-1], 0, True))  # one prefill chunk
+print(_C.bf16_prefill(), _C.bf16_kernel())
 """
 
 
@@ -198,7 +200,9 @@ def test_every_decode_kernel_equals_transformers(folders, tmp_path, kernel):
     """Each matrix-vector kernel this CPU has (PCASURGERY_BF16_KERNEL picks a
     narrower one), in decode: K/V and row counts that are not multiples of 4
     rows or of the 8/16-lane steps reach every tail of the kernels (hidden
-    96, intermediate 200, kv_dim 32, vocab 300)."""
+    96, intermediate 200, kv_dim 32, vocab 300). And the prefill product
+    that goes with it (gemm.c's where the CPU has AVX-512F; the widening +
+    sgemm path with a narrower kernel), on a 39-token chunk."""
     import os
     import subprocess
     import sys
@@ -206,10 +210,10 @@ def test_every_decode_kernel_equals_transformers(folders, tmp_path, kernel):
     env = dict(os.environ, PCASURGERY_BF16_KERNEL=kernel)
     # cwd: not the repository root, whose pcasurgery/ has no built extension in CI
     p = subprocess.run([sys.executable, "-c", KERNEL_RUN, str(folders["bf16"]),
-                        str(tmp_path / "l.npy")], env=env, capture_output=True, text=True,
-                       cwd=tmp_path)
+                        str(tmp_path / "l.npy"), str(tmp_path / "p.npy")], env=env,
+                       capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
-    out = p.stdout.split()[-1]
+    prefill, out = p.stdout.split()[-2:]
     if kernel:
         if out != kernel:
             pytest.skip(f"this CPU has no {kernel} (got {out})")
@@ -217,7 +221,10 @@ def test_every_decode_kernel_equals_transformers(folders, tmp_path, kernel):
         assert out == _C.bf16_kernel()
     ref = transformers.LlamaForCausalLM.from_pretrained(folders["bf16"], dtype=torch.float32)
     tokens = np.random.default_rng(0).integers(3, 300, 40)
-    assert_logits_close(np.load(tmp_path / "l.npy"), hf_logits(ref, tokens)[:-1])
+    want = hf_logits(ref, tokens)[:-1]
+    assert_logits_close(np.load(tmp_path / "l.npy"), want)
+    assert_logits_close(np.load(tmp_path / "p.npy"), want)
+    assert prefill == (_C.bf16_prefill() if kernel == "" else "sgemm")
 
 
 def _gemm_case(T, K, n, seed=0, ldx_pad=0):
@@ -229,11 +236,9 @@ def _gemm_case(T, K, n, seed=0, ldx_pad=0):
 
 @pytest.fixture
 def prefill_paths():
-    """Both prefill paths of bf16 weights (gemm.c's where the CPU has
-    AVX-512F); the default is restored afterwards."""
-    paths = ["sgemm"]
-    if _C.bf16_prefill("auto") == "avx512f":
-        paths.append("auto")
+    """The prefill paths of bf16 weights this CPU has: the widening + sgemm
+    one, and gemm.c's (AVX-512F); the default is restored afterwards."""
+    paths = ["sgemm"] + [p for p in [_C.bf16_prefill("auto")] if p != "sgemm"]
     yield paths
     _C.bf16_prefill("auto")
 
@@ -260,21 +265,23 @@ def test_prefill_gemm_is_the_same_on_any_thread_count_and_token_chunk(prefill_pa
     on 1-3 threads and when the scratch holds only 72 tokens at a time (W
     packed again for each chunk; 64 is the least gemm.c is used with, and
     the sgemm path's sums differ in their last bits)."""
-    if "auto" not in prefill_paths:
+    if len(prefill_paths) < 2:
         pytest.skip("this CPU has no AVX-512F: gemm.c's product is not used")
-    _C.bf16_prefill("auto")
     x, W = _gemm_case(150, 1100, 203, seed=1)
-    outs = []
-    for threads, scratch in ((1, 0), (2, 0), (3, 0), (2, (240 + 72) * 512)):
-        out = np.empty((150, 203), np.float32)
-        _C.matmul_bf16(out, x, W, 0.0, threads, scratch)
-        outs.append(out)
-    for o in outs[1:]:
-        np.testing.assert_array_equal(o, outs[0])
     _C.bf16_prefill("sgemm")
-    ref = np.empty_like(outs[0])
+    ref = np.empty((150, 203), np.float32)
     _C.matmul_bf16(ref, x, W, 0.0, 2)
-    np.testing.assert_allclose(outs[0], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    for path in prefill_paths[1:]:
+        assert _C.bf16_prefill(path) == path
+        outs = []
+        for threads, scratch in ((1, 0), (2, 0), (3, 0), (2, (48 + 72) * 1100)):
+            out = np.empty((150, 203), np.float32)
+            _C.matmul_bf16(out, x, W, 0.0, threads, scratch)
+            outs.append(out)
+        for o in outs[1:]:
+            np.testing.assert_array_equal(o, outs[0])
+        np.testing.assert_allclose(outs[0], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+        assert not np.array_equal(outs[0], ref)  # not the sgemm path's sums
 
 
 @pytest.mark.parametrize("beta", [1.0, 0.5])
@@ -295,7 +302,7 @@ def test_prefill_product_adds_beta_out_and_writes_only_its_columns(prefill_paths
 
 def test_prefill_product_bad_input_is_named():
     x, W = _gemm_case(4, 16, 8)
-    with pytest.raises(ValueError, match="bf16_prefill: name must be 'sgemm' or 'auto'"):
+    with pytest.raises(ValueError, match="bf16_prefill: name must be 'sgemm', 'avx512f' or"):
         _C.bf16_prefill("fast")
     with pytest.raises(ValueError, match=r"W \(8, 16\)"):
         _C.matmul_bf16(np.empty((4, 9), np.float32), x, W, 0.0, 1)
