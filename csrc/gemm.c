@@ -262,7 +262,7 @@ void pcs_gemm_bf16_rows(float *out, size_t ldo, const float *x, size_t ldx,
                         const unsigned short *W, size_t K, size_t T, size_t lo, size_t hi,
                         float beta, float *pack, size_t pack_floats)
 {
-    if (T == 0 || lo >= hi || !pcs_gemm_bf16_on())
+    if (T == 0 || lo >= hi)
         return;
     /* pack: one panel of W (NR rows x K), then x's tiles (TB tokens x K);
      * as many tokens at a time as fit (the caller gives at least

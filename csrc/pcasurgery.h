@@ -325,8 +325,9 @@ const char *pcs_bf16_kernel(void);
 /* ---- prefill's product that packs bf16 W itself (gemm.c, AVX-512F) */
 /* out[:, lo:hi] (T rows, stride ldo) = beta * out + x (T, K) W[lo:hi]^T on
  * this thread, W (n, K) bf16 bits; pack: pack_floats of scratch, at least
- * pcs_gemm_bf16_pack_floats(1, K) (more: more tokens per packing of W). Does
- * nothing while pcs_gemm_bf16_on() is 0. */
+ * pcs_gemm_bf16_pack_floats(1, K) (more: more tokens per packing of W). Only
+ * where pcs_gemm_bf16_on() said 1 (the CPU has AVX-512F): the caller decides
+ * once per product, so that switching paths meanwhile changes none of it. */
 void pcs_gemm_bf16_rows(float *out, size_t ldo, const float *x, size_t ldx,
                         const unsigned short *W, size_t K, size_t T, size_t lo, size_t hi,
                         float beta, float *pack, size_t pack_floats);
