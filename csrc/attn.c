@@ -59,22 +59,12 @@ static int cpu_has_kernel(void)
 
 int pcs_attn_set_kernel(const char *name)
 {
-    if (name && strcmp(name, "blas") == 0)
-        __atomic_store_n(&use_kernel, 0, __ATOMIC_RELAXED);
-    else if (!name || strcmp(name, "auto") == 0)
-        __atomic_store_n(&use_kernel, cpu_has_kernel(), __ATOMIC_RELAXED);
-    else
-        return PCS_ERR_ARG;
-    return PCS_OK;
+    return pcs_switch_set(&use_kernel, name, "blas", cpu_has_kernel);
 }
 
 int pcs_attn_pool(void)
 {
-    if (__atomic_load_n(&use_kernel, __ATOMIC_RELAXED) < 0) {
-        const char *env = getenv("PCASURGERY_ATTN_KERNEL");
-        pcs_attn_set_kernel(env && strcmp(env, "blas") == 0 ? "blas" : "auto");
-    }
-    return __atomic_load_n(&use_kernel, __ATOMIC_RELAXED);
+    return pcs_switch_get(&use_kernel, "PCASURGERY_ATTN_KERNEL", "blas", pcs_attn_set_kernel);
 }
 
 int pcs_attn_supported(size_t hd)

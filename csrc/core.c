@@ -4,6 +4,8 @@
 #define _GNU_SOURCE /* dladdr */
 #include <dlfcn.h>
 #include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "blas.h"
 #include "pcasurgery.h"
@@ -68,6 +70,28 @@ void pcs_blas_threads_on(void)
     if (--threads_off == 0 && threads_saved != 1)
         pcs_openblas_set_num_threads(threads_saved);
     pthread_mutex_unlock(&threads_mu);
+}
+
+int pcs_switch_set(int *slot, const char *name, const char *off, int (*cpu)(void))
+{
+    int v;
+    if (name && strcmp(name, off) == 0)
+        v = 0;
+    else if (!name || strcmp(name, "auto") == 0)
+        v = cpu();
+    else
+        return PCS_ERR_ARG;
+    __atomic_store_n(slot, v, __ATOMIC_RELAXED);
+    return PCS_OK;
+}
+
+int pcs_switch_get(int *slot, const char *env, const char *off, int (*set)(const char *))
+{
+    if (__atomic_load_n(slot, __ATOMIC_RELAXED) < 0) {
+        const char *e = getenv(env);
+        set(e && strcmp(e, off) == 0 ? off : "auto");
+    }
+    return __atomic_load_n(slot, __ATOMIC_RELAXED);
 }
 
 const char *pcs_blas_config(void) { return pcs_openblas_get_config(); }

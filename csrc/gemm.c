@@ -70,24 +70,12 @@ static int cpu_gemm(void)
 
 int pcs_gemm_bf16_set(const char *name)
 {
-    int g;
-    if (name && strcmp(name, "sgemm") == 0)
-        g = 0;
-    else if (!name || strcmp(name, "auto") == 0 || strcmp(name, "avx512f") == 0)
-        g = cpu_gemm(); /* where the CPU has it */
-    else
-        return PCS_ERR_ARG;
-    __atomic_store_n(&use_gemm, g, __ATOMIC_RELAXED);
-    return PCS_OK;
+    return pcs_switch_set(&use_gemm, name, "sgemm", cpu_gemm);
 }
 
 int pcs_gemm_bf16_on(void)
 {
-    if (__atomic_load_n(&use_gemm, __ATOMIC_RELAXED) < 0) {
-        const char *env = getenv("PCASURGERY_BF16_PREFILL");
-        pcs_gemm_bf16_set(env && strcmp(env, "sgemm") == 0 ? "sgemm" : "auto");
-    }
-    return __atomic_load_n(&use_gemm, __ATOMIC_RELAXED);
+    return pcs_switch_get(&use_gemm, "PCASURGERY_BF16_PREFILL", "sgemm", pcs_gemm_bf16_set);
 }
 
 const char *pcs_gemm_bf16_name(void)
@@ -275,32 +263,25 @@ void pcs_gemm_bf16_rows(float *out, size_t ldo, const float *x, size_t ldx,
     const uint16_t *Wb = (const uint16_t *)W;
     for (size_t t0 = 0; t0 < T; t0 += TB) {
         const size_t tb = T - t0 < TB ? T - t0 : TB;
-        for (size_t t = 0; t < tb; t += MR) {
-            const float *src[8];
-            for (size_t i = 0; i < MR; i++)
-                src[i] = t + i < tb ? x + (t0 + t + i) * ldx : NULL;
+        for (size_t t = 0; t < tb; t += MR)
             for (size_t k0 = 0; k0 < K; k0 += KC) {
-                const float *s8[8];
+                const size_t kc = K - k0 < KC ? K - k0 : KC;
+                const float *src[MR];
                 for (size_t i = 0; i < MR; i++)
-                    s8[i] = src[i] ? src[i] + k0 : NULL;
-                pack8_f32(xpack + k0 * TB + t * (K - k0 < KC ? K - k0 : KC), MR, s8,
-                          K - k0 < KC ? K - k0 : KC);
+                    src[i] = t + i < tb ? x + (t0 + t + i) * ldx + k0 : NULL;
+                pack8_f32(xpack + k0 * TB + t * kc, MR, src, kc);
             }
-        }
         for (size_t j = lo; j < hi; j += NR) {
             const size_t cols = hi - j < NR ? hi - j : NR;
-            /* the panel's rows, each read whole (zero rows past cols) */
-            for (size_t r = 0; r < NR; r += 8) {
-                const uint16_t *src[8];
-                for (size_t i = 0; i < 8; i++)
-                    src[i] = r + i < cols ? Wb + (j + r + i) * K : NULL;
+            /* eight of the panel's rows at a time, each read whole (zero
+             * rows past cols) */
+            for (size_t r = 0; r < NR; r += 8)
                 for (size_t k0 = 0; k0 < K; k0 += KC) {
-                    const uint16_t *s8[8];
+                    const uint16_t *src[8];
                     for (size_t i = 0; i < 8; i++)
-                        s8[i] = src[i] ? src[i] + k0 : NULL;
-                    pack8_bf16(wpack + k0 * NR + r, NR, s8, K - k0 < KC ? K - k0 : KC);
+                        src[i] = r + i < cols ? Wb + (j + r + i) * K + k0 : NULL;
+                    pack8_bf16(wpack + k0 * NR + r, NR, src, K - k0 < KC ? K - k0 : KC);
                 }
-            }
             for (size_t k0 = 0; k0 < K; k0 += KC) {
                 const size_t kc = K - k0 < KC ? K - k0 : KC;
                 const float b = k0 == 0 ? beta : 1.0f;

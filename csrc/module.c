@@ -1978,16 +1978,15 @@ static PyObject *attn_kernel(PyObject *module, PyObject *args)
 PyDoc_STRVAR(bf16_prefill_doc, "bf16_prefill(name=None, /)\n--\n\n"
 "What prefill's products with bf16 weights run on: 'avx512f' (pcasurgery's\n"
 "GEMM, packing W straight from bf16; CPUs with AVX-512F) or 'sgemm' (W's\n"
-"rows widened into a float32 buffer for OpenBLAS's sgemm). name 'sgemm', or\n"
-"'avx512f' / 'auto' (it where the CPU has it), sets it first.\n"
+"rows widened into a float32 buffer for OpenBLAS's sgemm). name 'sgemm' or\n"
+"'auto' (gemm.c's where the CPU has it) sets it first.\n"
 "PCASURGERY_BF16_PREFILL=sgemm makes 'sgemm' the default, as does\n"
 "PCASURGERY_BF16_KERNEL=avx2+fma or generic. Both compute the same float32\n"
 "products, summed in different orders.");
 
 static PyObject *bf16_prefill(PyObject *module, PyObject *args)
 {
-    return kernel_switch(args, "bf16_prefill", "sgemm', 'avx512f", pcs_gemm_bf16_set,
-                         pcs_gemm_bf16_name);
+    return kernel_switch(args, "bf16_prefill", "sgemm", pcs_gemm_bf16_set, pcs_gemm_bf16_name);
 }
 
 static PyObject *blas_library(PyObject *module, PyObject *unused)

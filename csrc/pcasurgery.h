@@ -338,8 +338,8 @@ size_t pcs_gemm_bf16_pack_floats(size_t T, size_t K);
  * pcs_gemm_bf16_set("sgemm"); name: "avx512f" or "sgemm" */
 int pcs_gemm_bf16_on(void);
 const char *pcs_gemm_bf16_name(void);
-/* "sgemm": the widening + sgemm path; "auto" (or NULL) or "avx512f":
- * gemm.c's where the CPU has AVX-512F. PCS_ERR_ARG for any other name. */
+/* "sgemm": the widening + sgemm path; "auto" (or NULL): gemm.c's where the
+ * CPU has AVX-512F. PCS_ERR_ARG for any other name. */
 int pcs_gemm_bf16_set(const char *name);
 
 /* Index of the first NaN/Inf of n bf16 values, or n when all are finite
@@ -409,6 +409,14 @@ int pcs_get_num_threads(void);
  * caller's OpenBLAS products run single-threaded during a step (slower,
  * not different). */
 int pcs_blas_threads_off(void);
+/* A kernel switch (attn.c, gemm.c) in *slot: -1 not chosen yet, 0 the path
+ * named `off`, else cpu()'s answer (what this CPU runs). set: name `off`
+ * or "auto" (NULL) stores it (PCS_ERR_ARG for any other name); get: the
+ * slot, chosen first from the environment variable env (its value `off`,
+ * else "auto") through set. Atomic: either may run while another thread
+ * reads the slot. */
+int pcs_switch_set(int *slot, const char *name, const char *off, int (*cpu)(void));
+int pcs_switch_get(int *slot, const char *env, const char *off, int (*set)(const char *));
 void pcs_blas_threads_on(void);
 const char *pcs_blas_config(void);
 const char *pcs_blas_library(void); /* path of the loaded BLAS, or NULL */
