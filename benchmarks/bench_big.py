@@ -135,6 +135,13 @@ def run_side(folder: Path, args: argparse.Namespace) -> dict:
     m = LlamaModel.from_pretrained(folder, n_ctx=args.tokens + 1)
     out.update(load_s=time.perf_counter() - t0, dtype=m.dtype, rss_after_load_gb=peak_rss_gb(),
                bf16_kernel=pcasurgery._C.bf16_kernel())
+    from pcasurgery.checkpoints import mapped_page_sizes
+
+    # how much of the mapped weights the page cache holds in 2 MiB pages: a
+    # shard read afresh (not cached when the load began), yes; one just
+    # written, in its writes' pieces
+    out["huge_gb"], out["mapped_gb"] = (v / 1e9 for v in mapped_page_sizes(
+        m.stored_weight(n) for n in m.weights))
     V = m.config.vocab_size
     rng = np.random.default_rng(1)
     prompt = rng.integers(3, V, 16)
@@ -219,7 +226,8 @@ def main() -> None:
     print(f"limits: read {lim['read_gbps']:.1f} GB/s -> decode <= {bound:.2f} tok/s "
           f"({read_gb:.2f} GB of bf16 weights read per token)")
     over = r["peak_rss_gb"] - weights_gb
-    print(f"load: {r['load_s']:.1f} s ({r['dtype']}, memory-mapped; kernel {r['bf16_kernel']})")
+    print(f"load: {r['load_s']:.1f} s ({r['dtype']}, memory-mapped, {r['huge_gb']:.2f} of "
+          f"{r['mapped_gb']:.2f} GB in 2 MiB pages; kernel {r['bf16_kernel']})")
     print(f"decode: {r['decode_tps']:.3f} tok/s = {r['decode_tps'] / bound:.0%} of the bandwidth "
           f"bound ({r['decode_tps'] * read_gb:.1f} GB/s)")
     print(f"surgery: shared-kv k,v at var {args.var} on {r['eval_tokens']} tokens: "

@@ -31,8 +31,18 @@ adjacent turns are reported as medians, with every round's value. Where the
 CPU has AVX-512F (bf16 prefill by csrc/gemm.c's product), a fourth turn runs
 the mapped model with the other path (W widened for OpenBLAS's sgemm).
 
+The page cache: a file just written stays cached in the pieces its writes
+made (4 KiB here), and a memory-mapped model then reads its weights through
+4 KiB page-table entries, a TLB miss every 4 KiB of each decode step's
+stream. A file read afresh is cached in 2 MiB folios where Linux can (6.x
+with large folios for the file system: ext4, xfs), which the kernel maps
+with 2 MiB entries. So before the sides run, the checkpoint is dropped from
+the page cache and read back once, as a user's model is after a reboot
+(--page-cache keep: as it is, e.g. just written), and the table says how
+much of the mapped weights sit in 2 MiB pages.
+
 Usage: python benchmarks/bench_forward.py [--threads 2] [--workdir DIR] [--decode 32] [--rounds 3]
-                                          [--alternate 5]
+                                          [--alternate 5] [--page-cache reread|keep]
 """
 from __future__ import annotations
 
@@ -79,6 +89,31 @@ def prepare(folder: Path) -> None:
     model.save_pretrained(folder, safe_serialization=True, max_shard_size="10GB")
 
 
+def reread(path: Path) -> None:
+    """Drop a file from the page cache (written back first: dirty pages
+    stay) and read it once, so that the kernel caches it as it caches a file
+    read afresh."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        buf = bytearray(64 << 20)
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    finally:
+        os.close(fd)
+
+
+def huge_share(m) -> float:
+    """The share of a model's memory-mapped, resident weights in 2 MiB pages
+    (NaN where none is mapped)."""
+    from pcasurgery.checkpoints import mapped_page_sizes
+
+    huge, rss = mapped_page_sizes(m.stored_weight(k) for k in m.weights)
+    return huge / rss if rss else float("nan")
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
@@ -106,7 +141,8 @@ def run_ours(folder: Path, threads: int, n_decode: int, dtype: str) -> dict:
     for pos in range(1, n_decode + 1):
         logits = m._rt.forward(np.array([int(np.argmax(logits))]), pos, False)
     decode = n_decode / (time.perf_counter() - t0)
-    return dict(load_s=load, prefill_tps=prefill, decode_tps=decode, peak_rss_gb=peak_rss_gb())
+    return dict(load_s=load, prefill_tps=prefill, decode_tps=decode, peak_rss_gb=peak_rss_gb(),
+                huge=huge_share(m))
 
 
 def run_alternated(folder: Path, threads: int, n_decode: int, rounds: int) -> dict:
@@ -147,6 +183,7 @@ def run_alternated(folder: Path, threads: int, n_decode: int, rounds: int) -> di
             for pos in range(PROMPT, PROMPT + n_decode):
                 logits = m._rt.forward(np.array([int(np.argmax(logits))]), pos, False)
             out[k]["decode_tps"].append(n_decode / (time.perf_counter() - t0))
+    out["huge"] = huge_share(models["bfloat16"])
     return out
 
 
@@ -226,6 +263,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of our three sides")
     ap.add_argument("--alternate", type=int, default=5,
                     help="rounds of our three models taking turns in one process (0: none)")
+    ap.add_argument("--page-cache", choices=("reread", "keep"), default="reread",
+                    help="drop the checkpoint from the page cache and read it back once before "
+                         "the sides run (default), or keep it cached as it is")
     ap.add_argument("--side", help=argparse.SUPPRESS)  # "ours:float32", ...
     args = ap.parse_args()
     if args.rounds < 1:
@@ -253,6 +293,13 @@ def main() -> None:
                    check=True)
     print(f"checkpoint: {folder} ({(folder / 'model.safetensors').stat().st_size / 1e9:.2f} GB bf16, "
           f"ready in {time.perf_counter() - t0:.0f} s)")
+    if args.page_cache == "reread":
+        t0 = time.perf_counter()
+        reread(folder / "model.safetensors")
+        print(f"page cache: the checkpoint dropped and read back once ({time.perf_counter() - t0:.1f} "
+              "s), as after a reboot")
+    else:
+        print("page cache: the checkpoint as it is cached (--page-cache keep)")
     import pcasurgery
 
     print(f"our bf16 kernel on this CPU: decode {pcasurgery._C.bf16_kernel()}, prefill "
@@ -294,6 +341,9 @@ def main() -> None:
         f"{r['decode_tps'] / dec_bound[d]:{w}.0%}" for r, d, w in zip(cols, bounds, widths)))
     print(f"{'prefill, of sgemm bound':22}" + "".join(
         f"{r['prefill_tps'] / pre_bound:{w}.0%}" for r, w in zip(cols, widths)))
+    huge = [r.get("huge", float("nan")) for r in cols]  # NaN: not memory-mapped
+    print(f"{'mapped, in 2 MiB pages':22}" + "".join(
+        f"{h:{w}.0%}" if h == h else f"{'-':>{w}}" for h, w in zip(huge, widths)))
 
     def ratio(side: str, key: str) -> str:
         """median over the rounds of side / ours f32, and each round's value"""
@@ -330,7 +380,8 @@ def main() -> None:
                   f"(rounds: {', '.join(f'{v:.2f}' for v in per)})")
         print("  tok/s, medians: " + ", ".join(
             f"{k} prefill {np.median(v['prefill_tps']):.1f} decode {np.median(v['decode_tps']):.2f}"
-            for k, v in alt.items()))
+            for k, v in alt.items() if k != "huge"))
+        print(f"  the mapped model's weights in 2 MiB pages: {alt['huge']:.0%}")
     for r, name in ((b, "bf16 mmap"), (bc, "bf16 copy")):
         print(f"  ours {name} vs transformers bf16: prefill "
               f"{r['prefill_tps'] / tb['prefill_tps']:.2f}x, decode "

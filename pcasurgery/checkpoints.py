@@ -185,6 +185,8 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], i
     check_regular_file(path, "safetensors file")
     size = path.stat().st_size
     with open(path, "rb") as f:
+        if hasattr(os, "posix_fadvise"):  # the header only: no readahead into the tensors,
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)  # which the load maps
         head = f.read(8)
         if len(head) < 8:
             raise ValueError(f"{path}: {size} bytes, too short for a safetensors header")
@@ -271,6 +273,8 @@ def load_safetensors(
         return out
     with open(path, "rb") as f:
         mm = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)
+    if mmap and bf16:
+        _ask_huge_pages(mm)
     mapped = False  # arrays that view mm keep it open; otherwise it is closed here
     try:
         # one pass in file order (sequential reads), whatever order was asked
@@ -311,6 +315,66 @@ def load_safetensors(
         if not mapped:
             mm.close()
     return out
+
+
+def _ask_huge_pages(mm) -> None:
+    """Ask Linux to read a file mapping the model keeps into the page cache
+    in 2 MiB folios (MADV_HUGEPAGE), where its pages are not cached yet.
+    The kernel maps such folios with 2 MiB page-table entries when the
+    mapping's address and file offset agree modulo 2 MiB, which it arranges
+    for file mappings this large; 4 KiB entries cost bf16 decode, which
+    streams every weight once per token, a TLB miss every 4 KiB. Pages
+    already cached (a file just written or read by another tool) keep the
+    sizes they have; see mapped_page_sizes."""
+    import mmap
+
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None or not hasattr(mm, "madvise"):
+        return
+    try:
+        mm.madvise(advice)
+    except OSError:  # THP compiled out or turned off: 4 KiB pages, as without it
+        pass
+
+
+def mapped_page_sizes(arrays) -> tuple[int, int]:
+    """(bytes in 2 MiB pages, bytes resident) of the file mappings that
+    `arrays` (arrays load_safetensors memory-mapped) view, summed over
+    distinct mappings, from /proc/self/smaps (FilePmdMapped and Rss).
+    (0, 0) where there is none, or no /proc (not Linux)."""
+    spans = {}
+    for a in arrays:
+        mm = mapping_of(a)
+        if mm is not None and not mm.closed and len(mm):
+            base = np.frombuffer(mm, dtype=np.uint8, count=1).ctypes.data
+            spans[base] = base + len(mm)
+    if not spans:
+        return 0, 0
+    try:
+        with open("/proc/self/smaps") as f:
+            return smaps_sizes(f.read(), spans.items())
+    except OSError:
+        return 0, 0
+
+
+def smaps_sizes(smaps: str, spans) -> tuple[int, int]:
+    """(FilePmdMapped, Rss) in bytes, summed over the mappings in the text
+    of a /proc/PID/smaps that overlap any (start, end) address span."""
+    huge = rss = 0
+    inside = False
+    for line in smaps.splitlines():
+        head = line.split(None, 1)[0] if line.strip() else ""
+        if not head.endswith(":") and "-" in head:  # a mapping's first line: start-end perms ...
+            lo, _, hi = head.partition("-")
+            lo, hi = int(lo, 16), int(hi, 16)
+            inside = any(lo < e and b < hi for b, e in spans)
+        elif inside and head in ("FilePmdMapped:", "Rss:"):
+            n = int(line.split()[1]) * 1024  # "Rss:  2148352 kB"
+            if head == "Rss:":
+                rss += n
+            else:
+                huge += n
+    return huge, rss
 
 
 def _release_pages(mm, start: int, nbytes: int) -> None:

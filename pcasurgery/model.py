@@ -183,9 +183,10 @@ class LlamaModel:
         (weight matrices stay bf16, memory-mapped where the file allows) or
         "float32"; None: the checkpoint's own when it is bf16, else float32.
         mmap=False: bf16 matrices are copied into the process's memory
-        instead of memory-mapped: the same resident size and a slower load;
-        in transparent huge pages where Linux gives them, which made bf16
-        decode and prefill several percent faster (see the README)."""
+        instead of memory-mapped: the same resident size and a slower load,
+        in transparent huge pages. A mapping gets 2 MiB pages where the page
+        cache holds the file in 2 MiB folios (a file read afresh, on Linux
+        6.x), else 4 KiB ones, which slow bf16 decode (see the README)."""
         from .checkpoints import load_hf_folder
         from .lookup import resolve_model
         from .tokenizers import Llama2cTokenizer, load_hf_tokenizer

@@ -5,6 +5,8 @@ float32."""
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import numpy as np
 import pytest
@@ -177,7 +179,30 @@ def test_cli_dtype(folders, tmp_path):
     for flag, held in (("--mmap", "memory-mapped"), ("--no-mmap", "copied into memory")):
         r = cli("--model", folder, flag, "--var", "0.5", "--max-new-tokens", "0")
         assert r.returncode == 0, r.stderr
-        assert f"weights in bfloat16, {held} (surgery" in r.stdout
+        assert f"weights in bfloat16, {held}" in r.stdout and "rounded to bf16)" in r.stdout
+        if flag == "--mmap" and os.path.exists("/proc/self/smaps"):  # how it is mapped
+            assert re.search(r"memory-mapped, [0-9.]+ of [0-9.]+ GB in 2 MiB pages", r.stdout)
+
+
+def test_load_line_says_how_the_mapped_weights_are_paged(folders, monkeypatch):
+    from pcasurgery import __main__ as cli_main
+    from pcasurgery import checkpoints
+
+    mapped = LlamaModel.from_pretrained(folders["bf16"], dtype="bfloat16")
+    copied = LlamaModel.from_pretrained(folders["bf16"], dtype="bfloat16", mmap=False)
+    assert cli_main.held(copied) == "copied into memory"
+    sizes = {}
+    monkeypatch.setattr(checkpoints, "mapped_page_sizes", lambda arrays: sizes["v"])
+    sizes["v"] = (2 << 30, 2 << 30)  # all of it in 2 MiB pages
+    assert cli_main.held(mapped) == "memory-mapped, 2.15 of 2.15 GB in 2 MiB pages"
+    sizes["v"] = (0, 2 << 30)  # a file just written: 4 KiB pieces, and what to do about it
+    line = cli_main.held(mapped)
+    assert line.startswith("memory-mapped, 0.00 of 2.15 GB in 2 MiB pages (the page cache holds")
+    assert "dd if=FILE iflag=nocache count=0" in line
+    sizes["v"] = (0, 1 << 20)  # a small model: not worth a word
+    assert cli_main.held(mapped) == "memory-mapped, 0.00 of 0.00 GB in 2 MiB pages"
+    sizes["v"] = (0, 0)  # no /proc/self/smaps
+    assert cli_main.held(mapped) == "memory-mapped"
 
 
 KERNEL_RUN = """
@@ -203,7 +228,6 @@ def test_every_decode_kernel_equals_transformers(folders, tmp_path, kernel):
     96, intermediate 200, kv_dim 32, vocab 300). And the prefill product
     that goes with it (gemm.c's where the CPU has AVX-512F; the widening +
     sgemm path with a narrower kernel), on a 39-token chunk."""
-    import os
     import subprocess
     import sys
 

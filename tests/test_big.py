@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -51,6 +52,11 @@ def test_the_measured_side_runs_streaming_surgery(folder):
     assert r["streaming"] and r["written_dtype"] == "bfloat16" and r["dtype"] == "bfloat16"
     assert r["eval_tokens"] == 96 and r["kl"] > 0 and r["restored"]
     assert r["decode_tps"] > 0 and r["peak_rss_gb"] > 0
+    if os.path.exists("/proc/self/smaps"):  # the mapped weights, resident after the NaN scan
+        mats = sum(2 * int(np.prod(s)) for s in bench_big.tensor_shapes(bench_big.SMALL).values()
+                   if len(s) == 2) / 1e9
+        assert 0.9 * mats < r["mapped_gb"] < 1.1 * mats + 0.01
+        assert 0 <= r["huge_gb"] <= r["mapped_gb"]
     kept = bench_big.run_side(folder, argparse.Namespace(**{**vars(args), "streaming": "off"}))
     assert not kept["streaming"]
     assert kept["kl"] == r["kl"] and kept["kv_ratio"] == r["kv_ratio"]

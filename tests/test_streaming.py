@@ -10,7 +10,7 @@ import pytest
 from test_surgery import model as stories  # noqa: F401  (the stories260K fixture)
 
 from pcasurgery import LlamaModel
-from pcasurgery.checkpoints import load_safetensors
+from pcasurgery.checkpoints import load_safetensors, mapped_page_sizes, smaps_sizes
 from pcasurgery.dtypes import from_bf16_bits, to_bf16_bits
 from pcasurgery.evaluate import Evaluator
 from pcasurgery.export import write_safetensors
@@ -220,3 +220,73 @@ def test_release_mapped_drops_a_replaced_tensor_from_rss(tmp_path):
     assert before - rss() > 0.9 * t["w"].nbytes  # 16 MB left the resident set
     assert int(t["w"].astype(np.int64).sum()) == want  # and read back from the file
     assert not release_mapped(np.ones(3))  # not memory-mapped: nothing to do
+
+
+SMAPS = """\
+7f0000000000-7f0000400000 r--s 00000000 fd:00 123                        /m/a.safetensors
+Size:               4096 kB
+Rss:                4096 kB
+FilePmdMapped:      2048 kB
+VmFlags: rd sh mr mw me ms hg
+7f0000400000-7f0000600000 r--s 00400000 fd:00 123                        /m/a.safetensors
+Size:               2048 kB
+Rss:                 100 kB
+FilePmdMapped:         0 kB
+7f1000000000-7f1000200000 rw-p 00000000 00:00 0
+Rss:                2048 kB
+AnonHugePages:      2048 kB
+FilePmdMapped:      2048 kB
+"""
+
+
+def test_smaps_sizes_sums_the_mappings_that_overlap_the_spans():
+    lo = 0x7F0000000000
+    assert smaps_sizes(SMAPS, [(lo, lo + 0x500000)]) == (2048 << 10, 4196 << 10)
+    assert smaps_sizes(SMAPS, [(lo + 0x400000, lo + 0x400001)]) == (0, 100 << 10)
+    assert smaps_sizes(SMAPS, [(lo + 0x10, lo + 0x20), (0x7F1000000000, 0x7F1000000001)]) == (
+        4096 << 10, 6144 << 10)
+    assert smaps_sizes(SMAPS, [(lo + 0x600000, lo + 0x700000)]) == (0, 0)  # touches none
+    assert smaps_sizes(SMAPS, []) == (0, 0)
+
+
+def _file_system(path) -> str:
+    """The type of the file system holding path (/proc/mounts' longest match)."""
+    import os
+
+    best, kind = "", ""
+    path = os.path.realpath(path)
+    for line in open("/proc/mounts"):
+        _, mnt, fs = line.split()[:3]
+        if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+            best, kind = mnt, fs
+    return kind
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_mapped_page_sizes_counts_a_mapped_tensor_read_afresh(tmp_path):
+    import os
+    import platform
+
+    big = np.random.default_rng(1).integers(0x3000, 0x3F00, (8192, 4096), dtype=np.uint16)  # 64 MiB
+    p = tmp_path / "w.safetensors"
+    write_safetensors(p, {"w": big}, "BF16")
+    fd = os.open(p, os.O_RDONLY)  # as a file read afresh (after a reboot): out of the page cache
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    t = load_safetensors(p, bf16=frozenset({"w"}))  # its NaN scan reads every page
+    assert np.array_equal(t["w"], big)
+    huge, rss = mapped_page_sizes([t["w"]])
+    size = p.stat().st_size
+    assert big.nbytes <= rss <= size + 4096 and 0 <= huge <= rss and huge % (2 << 20) == 0
+    assert mapped_page_sizes([t["w"].copy(), np.ones(3)]) == (0, 0)  # nothing mapped
+    # 2 MiB folios for a file read afresh: Linux >= 6.16 on ext4, or xfs; and THP on
+    release = tuple(int(v) for v in platform.release().split(".")[:2] if v.isdigit())
+    thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read() if os.path.exists(
+        "/sys/kernel/mm/transparent_hugepage/enabled") else "[never]"
+    fs = _file_system(tmp_path)
+    if "[never]" in thp or not (fs == "xfs" or (fs == "ext4" and release >= (6, 16))):
+        pytest.skip(f"Linux {platform.release()}, {fs}: a file read afresh may be cached in 4 KiB "
+                    "pages")
+    # 60 of 64 MiB here; 32 when reading the header let readahead cache the tensor in small folios
+    assert huge >= 0.75 * rss, (huge, rss)
