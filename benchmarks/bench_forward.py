@@ -33,13 +33,13 @@ the mapped model with the other path (W widened for OpenBLAS's sgemm).
 
 The page cache: a file just written stays cached in the pieces its writes
 made (4 KiB here), and a memory-mapped model then reads its weights through
-4 KiB page-table entries, a TLB miss every 4 KiB of each decode step's
-stream. A file read afresh is cached in 2 MiB folios where Linux can (6.x
-with large folios for the file system: ext4, xfs), which the kernel maps
-with 2 MiB entries. So before the sides run, the checkpoint is dropped from
-the page cache and read back once, as a user's model is after a reboot
-(--page-cache keep: as it is, e.g. just written), and the table says how
-much of the mapped weights sit in 2 MiB pages.
+4 KiB page-table entries. A file read afresh is cached in 2 MiB folios where
+Linux can (6.x with large folios for the file system: ext4, xfs), which the
+kernel maps with 2 MiB entries. What that changes depends on the CPU (see
+RESULTS.md), so that every run starts from the same state the checkpoint is
+dropped from the page cache and read back once before the sides run, as a
+user's model is after a reboot (--page-cache keep: as it is cached), and
+the table says how much of the mapped weights sits in 2 MiB pages.
 
 Usage: python benchmarks/bench_forward.py [--threads 2] [--workdir DIR] [--decode 32] [--rounds 3]
                                           [--alternate 5] [--page-cache reread|keep]

@@ -456,12 +456,7 @@ def held(model) -> str:
     huge, rss = mapped_page_sizes(mats)
     if rss == 0:  # no /proc/self/smaps to tell
         return how
-    how += f", {huge / 1e9:.2f} of {rss / 1e9:.2f} GB in 2 MiB pages"
-    if rss > 256 << 20 and huge < rss / 2:
-        how += (" (the page cache holds the file in small pieces, as just after writing it; "
-                "dropped from the cache, `dd if=FILE iflag=nocache count=0`, it reads back in "
-                "2 MiB pages where Linux can, and bf16 decode runs faster)")
-    return how
+    return how + f", {huge / 1e9:.2f} of {rss / 1e9:.2f} GB in 2 MiB pages"  # see the README
 
 
 def text_documents(model, path: Path, what: str, cap: int) -> list[Any]:

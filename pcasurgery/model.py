@@ -186,7 +186,7 @@ class LlamaModel:
         instead of memory-mapped: the same resident size and a slower load,
         in transparent huge pages. A mapping gets 2 MiB pages where the page
         cache holds the file in 2 MiB folios (a file read afresh, on Linux
-        6.x), else 4 KiB ones, which slow bf16 decode (see the README)."""
+        6.x), else 4 KiB ones (see the README)."""
         from .checkpoints import load_hf_folder
         from .lookup import resolve_model
         from .tokenizers import Llama2cTokenizer, load_hf_tokenizer
