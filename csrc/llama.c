@@ -490,6 +490,101 @@ static void rope_forward(float *v, const PcsLlamaState *s, size_t T, size_t P, s
     }
 }
 
+/* e^x for softmax and SiLU: Cephes' expf (x = n ln2 + r, |r| <= ln2 / 2, a
+ * degree-6 polynomial in r, times 2^n), each product and sum rounded one by
+ * one, so that the AVX2 version below (8 lanes) gives the same bits as this
+ * one; within 2 ulp of e^x. NaN stays NaN; e^x is +Inf above 88.3763 (e^x
+ * is within 1.5x of FLT_MAX there) and 0 below -87.3365 (where it would be
+ * subnormal). */
+#define EXP_HI 88.3762626647949f
+#define EXP_LO -87.3365447505531f
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_C1 0.693359375f /* ln 2 = C1 - C2, C1 exact in 9 bits: n * C1 is exact */
+#define EXP_C2 -2.12194440e-4f
+static const float exp_poly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                  4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
+static float exp_f32(float x)
+{
+    if (!(x >= EXP_LO)) /* NaN or tiny */
+        return x != x ? x : 0.0f;
+    if (x > EXP_HI)
+        return INFINITY;
+    const float fx = floorf(x * EXP_LOG2E + 0.5f);
+    float r = x - fx * EXP_C1;
+    r = r - fx * EXP_C2;
+    const float z = r * r;
+    float y = exp_poly[0];
+    for (int i = 1; i < 6; i++)
+        y = y * r + exp_poly[i];
+    y = y * z + r + 1.0f;
+    const uint32_t bits = (uint32_t)((int32_t)fx + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return y * scale;
+}
+
+#ifdef PCS_X86
+__attribute__((target("avx2"))) static inline __m256 exp8_avx2(__m256 x)
+{
+    const __m256 lo = _mm256_set1_ps(EXP_LO), hi = _mm256_set1_ps(EXP_HI);
+    const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi); /* NaN -> lo */
+    const __m256 fx = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(xc, _mm256_set1_ps(EXP_LOG2E)),
+                                                    _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_sub_ps(xc, _mm256_mul_ps(fx, _mm256_set1_ps(EXP_C1)));
+    r = _mm256_sub_ps(r, _mm256_mul_ps(fx, _mm256_set1_ps(EXP_C2)));
+    const __m256 z = _mm256_mul_ps(r, r);
+    __m256 y = _mm256_set1_ps(exp_poly[0]);
+    for (int i = 1; i < 6; i++)
+        y = _mm256_add_ps(_mm256_mul_ps(y, r), _mm256_set1_ps(exp_poly[i]));
+    y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(y, z), r), _mm256_set1_ps(1.0f));
+    const __m256i n = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(n, 23)));
+    /* the scalar version's special cases: below lo 0, above hi +Inf, NaN kept */
+    y = _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), y);
+    y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
+    return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+/* a[i] = e^(a[i] - m), i < n; returns how many it did (a multiple of 8) */
+__attribute__((target("avx2"))) static size_t exp_sub_avx2(float *a, size_t n, float m)
+{
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(a + i, exp8_avx2(_mm256_sub_ps(_mm256_loadu_ps(a + i),
+                                                        _mm256_set1_ps(m))));
+    return i;
+}
+
+/* hb[i] = hb[i] / (1 + e^-hb[i]) * hb2[i], i < n; returns how many it did */
+__attribute__((target("avx2"))) static size_t swiglu_avx2(float *hb, const float *hb2, size_t n)
+{
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(hb + i);
+        const __m256 e = exp8_avx2(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        const __m256 q = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+        _mm256_storeu_ps(hb + i, _mm256_mul_ps(q, _mm256_loadu_ps(hb2 + i)));
+    }
+    return i;
+}
+#endif
+
+void pcs_exp_sub(float *a, size_t n, float m, int simd)
+{
+    size_t i = 0;
+#ifdef PCS_X86
+    if (simd && have_avx2())
+        i = exp_sub_avx2(a, n, m);
+#else
+    (void)simd;
+#endif
+    for (; i < n; i++)
+        a[i] = exp_f32(a[i] - m);
+}
+
+static void exp_sub(float *a, size_t n, float m) { pcs_exp_sub(a, n, m, 1); }
+
 /* Causal softmax of att (T, C) rows (row stride ld) in place: row t sees
  * columns <= P + t, and with a sliding window W > 0 only the last W of them
  * (columns > P + t - W, as transformers' sliding_window_overlay). */
@@ -502,11 +597,10 @@ static void softmax_causal(float *att, size_t ld, size_t T, size_t C, size_t P, 
         float mx = a[lo];
         for (size_t j = lo + 1; j < n; j++)
             mx = a[j] > mx ? a[j] : mx;
+        exp_sub(a + lo, n - lo, mx);
         double sum = 0.0;
-        for (size_t j = lo; j < n; j++) {
-            a[j] = expf(a[j] - mx);
+        for (size_t j = lo; j < n; j++)
             sum += a[j];
-        }
         float inv = (float)(1.0 / sum);
         for (size_t j = 0; j < lo; j++)
             a[j] = 0.0f;
@@ -689,12 +783,24 @@ typedef struct {
     size_t n;
 } SwigluJob;
 
+void pcs_swiglu(float *hb, const float *hb2, size_t n, int simd)
+{
+    size_t i = 0;
+#ifdef PCS_X86
+    if (simd && have_avx2())
+        i = swiglu_avx2(hb, hb2, n);
+#else
+    (void)simd;
+#endif
+    for (; i < n; i++) {
+        const float g = hb[i];
+        hb[i] = g / (1.0f + exp_f32(-g)) * hb2[i];
+    }
+}
+
 static void swiglu_range(float *hb, const float *hb2, size_t lo, size_t hi)
 {
-    for (size_t i = lo; i < hi; i++) {
-        const float g = hb[i];
-        hb[i] = g / (1.0f + expf(-g)) * hb2[i];
-    }
+    pcs_swiglu(hb + lo, hb2 + lo, hi - lo, 1);
 }
 
 static void swiglu_task(void *arg, int id, int n)

@@ -1935,6 +1935,48 @@ static PyObject *matmul_bf16(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(elementwise_doc, "elementwise(name, a, b, m, simd, /)\n--\n\n"
+"In place on a (1-D C-contiguous float32), as the forward pass computes it:\n"
+"name 'exp': a = e^(a - m) (softmax's exp); 'swiglu': a = SiLU(a) * b (b\n"
+"like a, same length). simd: 8 lanes at a time where the CPU has AVX2 (True)\n"
+"or one at a time (False), the same bits. For tests.");
+
+static PyObject *elementwise(PyObject *module, PyObject *args)
+{
+    const char *name;
+    PyObject *o_a, *o_b;
+    float m;
+    int simd;
+    if (!PyArg_ParseTuple(args, "sOOfp:elementwise", &name, &o_a, &o_b, &m, &simd))
+        return NULL;
+    const int swiglu = strcmp(name, "swiglu") == 0;
+    if (!swiglu && strcmp(name, "exp") != 0) {
+        PyErr_Format(PyExc_ValueError, "elementwise: name must be 'exp' or 'swiglu', got '%s'",
+                     name);
+        return NULL;
+    }
+    PyArrayObject *a = (PyArrayObject *)o_a, *b = (PyArrayObject *)o_b;
+    if (!PyArray_Check(o_a) || PyArray_TYPE(a) != NPY_FLOAT32 || PyArray_NDIM(a) != 1 ||
+        !PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISWRITEABLE(a) || !PyArray_ISALIGNED(a)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "elementwise: a must be a writable 1-D C-contiguous float32 array");
+        return NULL;
+    }
+    const size_t n = (size_t)PyArray_DIM(a, 0);
+    if (swiglu && (!PyArray_Check(o_b) || PyArray_TYPE(b) != NPY_FLOAT32 ||
+                   PyArray_NDIM(b) != 1 || !PyArray_IS_C_CONTIGUOUS(b) ||
+                   !PyArray_ISALIGNED(b) || (size_t)PyArray_DIM(b, 0) != n)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "elementwise: b must be a 1-D C-contiguous float32 array as long as a");
+        return NULL;
+    }
+    if (swiglu)
+        pcs_swiglu((float *)PyArray_DATA(a), (const float *)PyArray_DATA(b), n, simd);
+    else
+        pcs_exp_sub((float *)PyArray_DATA(a), n, m, simd);
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(bf16_kernel_doc, "bf16_kernel()\n--\n\n"
 "The bf16 dot-product kernel chosen for this CPU at run time: 'avx512f',\n"
 "'avx2+fma' or 'generic'.");
@@ -2020,6 +2062,7 @@ static PyMethodDef methods[] = {
     {"blas_library", blas_library, METH_NOARGS,
      "blas_library($module, /)\n--\n\nPath of the shared library that provides our BLAS."},
     {"bf16_kernel", bf16_kernel, METH_NOARGS, bf16_kernel_doc},
+    {"elementwise", elementwise, METH_VARARGS, elementwise_doc},
     {"attn_kernel", attn_kernel, METH_VARARGS, attn_kernel_doc},
     {"bf16_prefill", bf16_prefill, METH_VARARGS, bf16_prefill_doc},
     {"matmul_bf16", matmul_bf16, METH_VARARGS, matmul_bf16_doc},

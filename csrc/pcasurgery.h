@@ -302,6 +302,11 @@ static inline void pcs_thread_rows(size_t n_rows, int id, int n, size_t *lo, siz
 /* out (n_out) = beta * out + W x (n_in), rows split over n_threads */
 void pcs_gemv_bf16(float *out, const unsigned short *W, const float *x, size_t n_out,
                    size_t n_in, float beta, int n_threads);
+/* a[i] = e^(a[i] - m) (llama.c's softmax), and hb[i] = SiLU(hb[i]) * hb2[i]
+ * (its SwiGLU), i < n: 8 lanes at a time on AVX2 CPUs when simd is 1, the
+ * same bits as one at a time (simd 0). */
+void pcs_exp_sub(float *a, size_t n, float m, int simd);
+void pcs_swiglu(float *hb, const float *hb2, size_t n, int simd);
 /* dst (n) float32 = the bf16 values src (n) */
 void pcs_widen_bf16(float *dst, const unsigned short *src, size_t n, int n_threads);
 /* out (T, n_out) row stride ldo = beta * out + x (T, n_in) W^T, W widened

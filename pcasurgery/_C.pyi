@@ -45,6 +45,14 @@ def matmul_bf16(
     scratch: int = 0,
     /,
 ) -> None: ...
+def elementwise(
+    name: str,
+    a: npt.NDArray[np.float32],
+    b: npt.NDArray[np.float32] | None,
+    m: float,
+    simd: bool,
+    /,
+) -> None: ...
 def bf16_nonfinite(bits: npt.NDArray[np.uint16], /) -> int: ...
 def blas_library() -> str | None: ...
 def to_float32(
