@@ -17,8 +17,15 @@ Our bf16 runs keep the weights bf16 and compute in float32: memory-mapped
 (the default) and copied into memory (mmap=False, `--no-mmap`);
 transformers' bf16 run computes in bf16 (its CPU kernels).
 
-Our three sides run --rounds times, in turn (f32, bf16, bf16 copied, f32,
-...), each round in fresh processes: this machine's read bandwidth moves by
+Our three sides run --rounds times, in turn, each round in fresh processes
+and in a rotated order (f32, bf16, bf16 copied; then bf16, bf16 copied,
+f32; ...), and every side's process starts --settle seconds after the one
+before it ended. A process that exits frees its memory, which a virtual
+machine may hand back to its host (Linux's free page reporting; the test
+machine's Firecracker VM does): for the next ~15 s, a model's first
+512-token prefills there ran 8-12% slower (RESULTS.md). Without the pause,
+the side that loads fastest (bf16 memory-mapped, 0.1 s) paid for the one
+before it. This machine's read bandwidth moves by
 up to 30% between minutes, so one sample per side compares two different
 machines. Each of our columns is the median over the rounds, and each ratio
 of ours is the median of the rounds' ratios (sides run next to each other),
@@ -263,6 +270,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of our three sides")
     ap.add_argument("--alternate", type=int, default=5,
                     help="rounds of our three models taking turns in one process (0: none)")
+    ap.add_argument("--settle", type=float, default=20.0,
+                    help="seconds between one side's process and the next (default 20)")
     ap.add_argument("--page-cache", choices=("reread", "keep"), default="reread",
                     help="drop the checkpoint from the page cache and read it back once before "
                          "the sides run (default), or keep it cached as it is")
@@ -272,6 +281,8 @@ def main() -> None:
         ap.error(f"--rounds: expected a positive number, got {args.rounds}")
     if args.alternate < 0:
         ap.error(f"--alternate: expected 0 or a positive number, got {args.alternate}")
+    if not args.settle >= 0:
+        ap.error(f"--settle: expected seconds >= 0, got {args.settle}")
     folder = Path(args.workdir)
     if args.side == "prepare":
         prepare(folder)
@@ -307,11 +318,12 @@ def main() -> None:
     ours = ["ours:float32", "ours:bfloat16", "ours:bfloat16-copied"]
     rounds: list[dict] = []
     res = {}
-    for _ in range(args.rounds):
-        rounds.append({side: run_side(side, folder, args) for side in ours})
+    for r in range(args.rounds):
+        order = ours[r % len(ours):] + ours[:r % len(ours)]
+        rounds.append({side: run_side(side, folder, args, settle=True) for side in order})
     for side in ["transformers:float32", "transformers:bfloat16"]:
-        res[side] = run_side(side, folder, args)
-    alt = run_side("alternated", folder, args) if args.alternate else None
+        res[side] = run_side(side, folder, args, settle=True)
+    alt = run_side("alternated", folder, args, settle=True) if args.alternate else None
     import numpy as np
 
     for side in ours:  # each number the median over the rounds
@@ -389,8 +401,11 @@ def main() -> None:
               "faster")
 
 
-def run_side(side: str, folder: Path, args: argparse.Namespace) -> dict:
-    """One side in its own process; its measurements."""
+def run_side(side: str, folder: Path, args: argparse.Namespace, settle: bool = False) -> dict:
+    """One side in its own process (after --settle seconds, if settle); its
+    measurements."""
+    if settle:
+        time.sleep(args.settle)
     out = subprocess.run([sys.executable, __file__, "--side", side, "--threads",
                           str(args.threads), "--workdir", str(folder), "--decode",
                           str(args.decode), "--alternate", str(args.alternate)],
