@@ -347,7 +347,7 @@ def mapped_page_sizes(arrays) -> tuple[int, int]:
     for a in arrays:
         mm = mapping_of(a)
         if mm is not None and not mm.closed and len(mm):
-            base = np.frombuffer(mm, dtype=np.uint8, count=1).ctypes.data
+            base = _address(mm)
             spans[base] = base + len(mm)
     if not spans:
         return 0, 0
@@ -388,6 +388,11 @@ def _release_pages(mm, start: int, nbytes: int) -> None:
         mm.madvise(mmap.MADV_DONTNEED, lo, start + nbytes - lo)
 
 
+def _address(mm) -> int:
+    """The address of an open, non-empty mmap.mmap's first byte."""
+    return np.frombuffer(mm, dtype=np.uint8, count=1).ctypes.data
+
+
 def mapping_of(a: np.ndarray):
     """The mmap.mmap an array views (one load_safetensors made), or None."""
     import mmap
@@ -411,7 +416,7 @@ def release_mapped(a: np.ndarray) -> bool:
     mm = mapping_of(a)
     if mm is None or mm.closed or not hasattr(mm, "madvise"):
         return False
-    start = a.ctypes.data - np.frombuffer(mm, dtype=np.uint8, count=1).ctypes.data
+    start = a.ctypes.data - _address(mm)
     page = mmap.PAGESIZE
     lo = -(-start // page) * page
     hi = (start + a.nbytes) // page * page
