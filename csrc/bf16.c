@@ -441,7 +441,9 @@ typedef struct {
     size_t T, n_in, n_out, per; /* per: each thread's floats of buf */
     float beta;
     float *buf;
-    int gemm;           /* bf16 W by gemm.c's product (pcs_gemm_bf16_rows) */
+    int gemm;           /* bf16 W by gemm.c's product (pcs_gemm_bf16_rows): */
+    float *xpack;       /* the chunk's x packed, shared (after each thread's panel) */
+    size_t TB, tb;      /* tokens per chunk; this chunk's (x, out: its first row) */
 } MatmulJob;
 
 /* A slab's width is at least SLAB_MIN columns of W (or all of them). */
@@ -473,8 +475,8 @@ static void matmul_task(void *arg, int id, int n)
     size_t lo, hi;
     pcs_thread_rows(j->n_out, id, n, &lo, &hi);
     if (j->gemm) {
-        pcs_gemm_bf16_rows(j->out, j->ldo, j->x, j->ldx, j->W, j->n_in, j->T, lo, hi, j->beta,
-                           j->buf + (size_t)id * j->per, j->per);
+        pcs_gemm_bf16_rows(j->out, j->ldo, j->xpack, j->TB, j->tb, j->n_in, j->W, lo, hi,
+                           j->beta, j->buf + (size_t)id * pcs_gemm_bf16_w_floats(j->n_in));
         return;
     }
     size_t R = hi - lo, kb = j->n_in;
@@ -506,6 +508,16 @@ static void matmul_task(void *arg, int id, int n)
     }
 }
 
+/* gemm.c's product: each thread packs its share of the chunk's x (whole
+ * tiles of 8 tokens) into the shared xpack */
+static void pack_x_task(void *arg, int id, int n)
+{
+    const MatmulJob *j = arg;
+    size_t lo, hi;
+    pcs_thread_rows((j->tb + 7) / 8, id, n, &lo, &hi);
+    pcs_gemm_bf16_pack_x(j->xpack, j->TB, j->x, j->ldx, j->n_in, j->tb, lo * 8, hi * 8);
+}
+
 void pcs_matmul_bf16(float *out, size_t ldo, const float *x, size_t ldx, const unsigned short *W,
                      size_t T, size_t n_in, size_t n_out, float beta, float *buf,
                      size_t buf_floats, int n_threads, int pool)
@@ -515,17 +527,31 @@ void pcs_matmul_bf16(float *out, size_t ldo, const float *x, size_t ldx, const u
     if (n_threads < 1 || !pool || buf_floats / (size_t)n_threads < n_in)
         n_threads = 1; /* each thread needs a row of buf at least */
     MatmulJob j = {out, ldo, x, ldx, W, NULL, T, n_in, n_out, buf_floats / (size_t)n_threads,
-                   beta, buf, 0};
-    /* gemm.c's product where each thread's scratch holds 64 tokens (fewer
-     * would repack W too often) */
-    j.gemm = pool && pcs_gemm_bf16_on() &&
-             j.per >= pcs_gemm_bf16_pack_floats(T < 64 ? T : 64, n_in);
+                   beta, buf, 0, NULL, 0, 0};
+    /* gemm.c's product where the scratch holds 64 tokens at a time (fewer
+     * would repack W too often), or all T */
+    j.TB = pool && pcs_gemm_bf16_on() ? pcs_gemm_bf16_tokens(buf_floats, n_in, n_threads, T) : 0;
+    if (j.TB >= (T < 64 ? T : 64) && j.TB > 0) {
+        /* a chunk of TB tokens at a time: the threads pack its x together
+         * (one copy in the caches, each tile once), then each multiplies
+         * its rows of W */
+        j.gemm = 1;
+        j.xpack = buf + (size_t)n_threads * pcs_gemm_bf16_w_floats(n_in);
+        for (size_t t0 = 0; t0 < T; t0 += j.TB) {
+            j.tb = T - t0 < j.TB ? T - t0 : j.TB;
+            j.x = x + t0 * ldx;
+            j.out = out + t0 * ldo;
+            pcs_parallel(pack_x_task, &j, n_threads);
+            pcs_parallel(matmul_task, &j, n_threads);
+        }
+        return;
+    }
     pcs_parallel(matmul_task, &j, n_threads);
 }
 
 void pcs_matmul_rows(float *out, size_t ldo, const float *x, size_t ldx, const float *W,
                      size_t T, size_t n_in, size_t n_out, float beta, int n_threads)
 {
-    MatmulJob j = {out, ldo, x, ldx, NULL, W, T, n_in, n_out, 0, beta, NULL, 0};
+    MatmulJob j = {out, ldo, x, ldx, NULL, W, T, n_in, n_out, 0, beta, NULL, 0, NULL, 0, 0};
     pcs_parallel(matmul_task, &j, n_threads);
 }

@@ -18,13 +18,17 @@
  * from L2, as BLIS does (Goto's blocking, with W's panels packed whole):
  *   for each chunk of TB tokens:
  *     pack x (TB, K) into tiles [KC-slice][tile][k][MR]       (L3)
- *     for each panel of NR rows of W:
+ *       (all threads, each its share of the tiles: pcs_gemm_bf16_pack_x)
+ *     each thread, for each panel of NR rows of W in its range:
  *       pack them widened, each row read whole, [KC-slice][k][NR] (L2)
  *       for each KC-slice, for each tile of MR tokens:
  *         MR x NR outputs in 24 zmm registers, x broadcast, W loaded
  * A slice of a panel (NR x KC, 96 KB) stays in L2 while the x tiles (MR x
  * KC, 16 KB) pass through L1. Rows read whole, not KC at a time: from a
  * memory-mapped checkpoint (4 KiB pages) that made prefill ~6% faster.
+ * x packed once for all threads, not by each: with n threads, a copy each
+ * was n times the packing and n times the x in L3 (on 8 threads, 1.25x
+ * the CPU time of one shared copy for a 512 x 2048 x 5632 product).
  * Alone on one core (AMD Zen 4) the kernel runs at the FMA peak from
  * cache; the model's prefill is 1.04-1.08x the widening + sgemm path's
  * (benchmarks/RESULTS.md).
@@ -39,10 +43,25 @@
 /* MR tokens x NR outputs per kernel call, KC of K at a time */
 enum { MR = 8, NR = 48, KC = 512 };
 
-size_t pcs_gemm_bf16_pack_floats(size_t T, size_t K)
+size_t pcs_gemm_bf16_w_floats(size_t K)
+{
+    return (size_t)NR * K;
+}
+
+size_t pcs_gemm_bf16_scratch(size_t T, size_t K, int n_threads)
 {
     const size_t tiles = (T + MR - 1) / MR;
-    return ((size_t)NR + (tiles < 1 ? 1 : tiles) * MR) * K;
+    return ((size_t)(n_threads < 1 ? 1 : n_threads) * NR + (tiles < 1 ? 1 : tiles) * MR) * K;
+}
+
+size_t pcs_gemm_bf16_tokens(size_t floats, size_t K, int n_threads, size_t T)
+{
+    const size_t w = (size_t)(n_threads < 1 ? 1 : n_threads) * NR * K;
+    if (K == 0 || floats < w)
+        return 0;
+    size_t TB = (floats - w) / K / MR * MR;
+    const size_t all = (T + MR - 1) / MR * MR;
+    return TB > all ? all : TB;
 }
 
 /* 0: the widening + sgemm path; 1: this file's (AVX-512F); -1: not chosen
@@ -246,58 +265,57 @@ static void block(float *out, size_t ldo, const float *xp, const float *wp, size
         kernel1(out, ldo, xp, wp, kc, beta, rows, cols);
 }
 
-void pcs_gemm_bf16_rows(float *out, size_t ldo, const float *x, size_t ldx,
-                        const unsigned short *W, size_t K, size_t T, size_t lo, size_t hi,
-                        float beta, float *pack, size_t pack_floats)
+void pcs_gemm_bf16_pack_x(float *xpack, size_t TB, const float *x, size_t ldx, size_t K,
+                          size_t tb, size_t t_lo, size_t t_hi)
 {
-    if (T == 0 || lo >= hi)
-        return;
-    /* pack: one panel of W (NR rows x K), then x's tiles (TB tokens x K);
-     * as many tokens at a time as fit (the caller gives at least
-     * pcs_gemm_bf16_pack_floats(1, K)). Both are laid out by KC-slice: the
-     * slice at k0 starts at k0 * NR (W) and k0 * TB (x). */
-    float *wpack = pack, *xpack = pack + (size_t)NR * K;
-    size_t TB = (pack_floats - (size_t)NR * K) / K / MR * MR;
-    if (TB > (T + MR - 1) / MR * MR)
-        TB = (T + MR - 1) / MR * MR;
+    for (size_t t = t_lo; t < t_hi && t < tb; t += MR)
+        for (size_t k0 = 0; k0 < K; k0 += KC) {
+            const size_t kc = K - k0 < KC ? K - k0 : KC;
+            const float *src[MR];
+            for (size_t i = 0; i < MR; i++)
+                src[i] = t + i < tb ? x + (t + i) * ldx + k0 : NULL;
+            pack8_f32(xpack + k0 * TB + t * kc, MR, src, kc);
+        }
+}
+
+void pcs_gemm_bf16_rows(float *out, size_t ldo, const float *xpack, size_t TB, size_t tb,
+                        size_t K, const unsigned short *W, size_t lo, size_t hi, float beta,
+                        float *wpack)
+{
     const uint16_t *Wb = (const uint16_t *)W;
-    for (size_t t0 = 0; t0 < T; t0 += TB) {
-        const size_t tb = T - t0 < TB ? T - t0 : TB;
-        for (size_t t = 0; t < tb; t += MR)
+    for (size_t j = lo; j < hi; j += NR) {
+        const size_t cols = hi - j < NR ? hi - j : NR;
+        /* eight of the panel's rows at a time, each read whole (zero rows
+         * past cols) */
+        for (size_t r = 0; r < NR; r += 8)
             for (size_t k0 = 0; k0 < K; k0 += KC) {
-                const size_t kc = K - k0 < KC ? K - k0 : KC;
-                const float *src[MR];
-                for (size_t i = 0; i < MR; i++)
-                    src[i] = t + i < tb ? x + (t0 + t + i) * ldx + k0 : NULL;
-                pack8_f32(xpack + k0 * TB + t * kc, MR, src, kc);
+                const uint16_t *src[8];
+                for (size_t i = 0; i < 8; i++)
+                    src[i] = r + i < cols ? Wb + (j + r + i) * K + k0 : NULL;
+                pack8_bf16(wpack + k0 * NR + r, NR, src, K - k0 < KC ? K - k0 : KC);
             }
-        for (size_t j = lo; j < hi; j += NR) {
-            const size_t cols = hi - j < NR ? hi - j : NR;
-            /* eight of the panel's rows at a time, each read whole (zero
-             * rows past cols) */
-            for (size_t r = 0; r < NR; r += 8)
-                for (size_t k0 = 0; k0 < K; k0 += KC) {
-                    const uint16_t *src[8];
-                    for (size_t i = 0; i < 8; i++)
-                        src[i] = r + i < cols ? Wb + (j + r + i) * K + k0 : NULL;
-                    pack8_bf16(wpack + k0 * NR + r, NR, src, K - k0 < KC ? K - k0 : KC);
-                }
-            for (size_t k0 = 0; k0 < K; k0 += KC) {
-                const size_t kc = K - k0 < KC ? K - k0 : KC;
-                const float b = k0 == 0 ? beta : 1.0f;
-                for (size_t t = 0; t < tb; t += MR)
-                    block(out + (t0 + t) * ldo + j, ldo, xpack + k0 * TB + t * kc,
-                          wpack + k0 * NR, kc, b, tb - t < MR ? tb - t : MR, cols);
-            }
+        for (size_t k0 = 0; k0 < K; k0 += KC) {
+            const size_t kc = K - k0 < KC ? K - k0 : KC;
+            const float b = k0 == 0 ? beta : 1.0f;
+            for (size_t t = 0; t < tb; t += MR)
+                block(out + t * ldo + j, ldo, xpack + k0 * TB + t * kc, wpack + k0 * NR, kc, b,
+                      tb - t < MR ? tb - t : MR, cols);
         }
     }
 }
 #else
-void pcs_gemm_bf16_rows(float *out, size_t ldo, const float *x, size_t ldx,
-                        const unsigned short *W, size_t K, size_t T, size_t lo, size_t hi,
-                        float beta, float *pack, size_t pack_floats)
+/* never called: cpu_gemm() is 0 */
+void pcs_gemm_bf16_pack_x(float *xpack, size_t TB, const float *x, size_t ldx, size_t K,
+                          size_t tb, size_t t_lo, size_t t_hi)
 {
-    (void)out, (void)ldo, (void)x, (void)ldx, (void)W, (void)K, (void)T, (void)lo, (void)hi;
-    (void)beta, (void)pack, (void)pack_floats; /* never called: cpu_gemm() is 0 */
+    (void)xpack, (void)TB, (void)x, (void)ldx, (void)K, (void)tb, (void)t_lo, (void)t_hi;
+}
+
+void pcs_gemm_bf16_rows(float *out, size_t ldo, const float *xpack, size_t TB, size_t tb,
+                        size_t K, const unsigned short *W, size_t lo, size_t hi, float beta,
+                        float *wpack)
+{
+    (void)out, (void)ldo, (void)xpack, (void)TB, (void)tb, (void)K, (void)W, (void)lo, (void)hi;
+    (void)beta, (void)wpack;
 }
 #endif

@@ -211,10 +211,10 @@ int pcs_llama_state_bf16(PcsLlamaState *s, const PcsLlamaConfig *c)
         n = rows * width;
     if (n < width)        /* one row at least */
         n = width;
-    /* gemm.c's scratch for 512 tokens on each of two threads, at least
-     * (25 MB for TinyLlama's shapes, 64 MB for Llama-3.1-8B's) */
-    if (n < 2 * pcs_gemm_bf16_pack_floats(512, width))
-        n = 2 * pcs_gemm_bf16_pack_floats(512, width);
+    /* gemm.c's scratch for 512 tokens at a time on up to eight threads, at
+     * least (20 MB for TinyLlama's shapes, 52 MB for Llama-3.1-8B's) */
+    if (n < pcs_gemm_bf16_scratch(512, width, 8))
+        n = pcs_gemm_bf16_scratch(512, width, 8);
     s->wbuf = malloc(n * sizeof(float)); /* sizes checked at init: (V, D), (F, D) fit */
     s->wbuf_floats = s->wbuf ? n : 0;
     return s->wbuf ? PCS_OK : PCS_ERR_NOMEM;

@@ -1918,7 +1918,10 @@ static PyObject *matmul_bf16(PyObject *module, PyObject *args)
                      max_blas_threads(), n_threads, scratch);
         return NULL;
     }
-    size_t per = scratch ? (size_t)scratch : pcs_gemm_bf16_pack_floats(512, K);
+    /* scratch: floats per thread; by default gemm.c's for 512 tokens at a time */
+    size_t per = scratch ? (size_t)scratch
+                         : (pcs_gemm_bf16_scratch(512, K, n_threads) + (size_t)n_threads - 1) /
+                               (size_t)n_threads;
     if (per < K)
         per = K;
     float *buf = malloc(per * (size_t)n_threads * sizeof(float));

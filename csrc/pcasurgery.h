@@ -314,8 +314,8 @@ void pcs_widen_bf16(float *dst, const unsigned short *src, size_t n, int n_threa
  * pool: W's rows split over n_threads of pool.c's threads, each with its
  * part of buf and single-threaded sgemm calls (the caller has OpenBLAS
  * single-threaded, pcs_blas_threads_off), or gemm.c's product where
- * pcs_gemm_bf16_on() and each part of buf holds its scratch for 64 tokens
- * (pcs_gemm_bf16_pack_floats);
+ * pcs_gemm_bf16_on() and buf holds its scratch for 64 tokens (or T) at a
+ * time (pcs_gemm_bf16_scratch);
  * else this thread alone, its sgemm calls on OpenBLAS's threads. */
 void pcs_matmul_bf16(float *out, size_t ldo, const float *x, size_t ldx,
                      const unsigned short *W, size_t T, size_t n_in, size_t n_out, float beta,
@@ -327,17 +327,27 @@ void pcs_matmul_rows(float *out, size_t ldo, const float *x, size_t ldx, const f
 /* "avx512f", "avx2+fma" or "generic": the dot product chosen at run time */
 const char *pcs_bf16_kernel(void);
 
-/* ---- prefill's product that packs bf16 W itself (gemm.c, AVX-512F) */
-/* out[:, lo:hi] (T rows, stride ldo) = beta * out + x (T, K) W[lo:hi]^T on
- * this thread, W (n, K) bf16 bits; pack: pack_floats of scratch, at least
- * pcs_gemm_bf16_pack_floats(1, K) (more: more tokens per packing of W). Only
- * where pcs_gemm_bf16_on() said 1 (the CPU has AVX-512F): the caller decides
- * once per product, so that switching paths meanwhile changes none of it. */
-void pcs_gemm_bf16_rows(float *out, size_t ldo, const float *x, size_t ldx,
-                        const unsigned short *W, size_t K, size_t T, size_t lo, size_t hi,
-                        float beta, float *pack, size_t pack_floats);
-/* scratch floats for T tokens at a time, K wide */
-size_t pcs_gemm_bf16_pack_floats(size_t T, size_t K);
+/* ---- prefill's product that packs bf16 W itself (gemm.c, AVX-512F)
+ * Only where pcs_gemm_bf16_on() said 1 (the CPU has AVX-512F): the caller
+ * decides once per product, so that switching paths meanwhile changes none
+ * of it. A chunk of tb <= TB tokens at a time: */
+/* x's rows t_lo..t_hi-1 (multiples of 8; of the chunk's tb rows, x (tb, K)
+ * row stride ldx) packed into xpack (pcs_gemm_bf16_scratch's x part: TB
+ * rows, a multiple of 8): the threads pack a chunk's rows together */
+void pcs_gemm_bf16_pack_x(float *xpack, size_t TB, const float *x, size_t ldx, size_t K,
+                          size_t tb, size_t t_lo, size_t t_hi);
+/* out[:, lo:hi] (tb rows, stride ldo) = beta * out + x W[lo:hi]^T on this
+ * thread, from the chunk's packed x; W (n, K) bf16 bits; wpack: this
+ * thread's pcs_gemm_bf16_w_floats(K) of scratch */
+void pcs_gemm_bf16_rows(float *out, size_t ldo, const float *xpack, size_t TB, size_t tb,
+                        size_t K, const unsigned short *W, size_t lo, size_t hi, float beta,
+                        float *wpack);
+/* scratch floats: each thread's panel of W; T tokens of x at a time shared
+ * by n_threads; and the tokens per chunk that floats of scratch allow (a
+ * multiple of 8, at most T rounded up to 8; 0: not even the panels fit) */
+size_t pcs_gemm_bf16_w_floats(size_t K);
+size_t pcs_gemm_bf16_scratch(size_t T, size_t K, int n_threads);
+size_t pcs_gemm_bf16_tokens(size_t floats, size_t K, int n_threads, size_t T);
 /* 1 when pcs_matmul_bf16 uses it: AVX-512F, unless PCASURGERY_BF16_KERNEL
  * names a narrower kernel, PCASURGERY_BF16_PREFILL=sgemm, or after
  * pcs_gemm_bf16_set("sgemm"); name: "avx512f" or "sgemm" */

@@ -282,9 +282,11 @@ def test_prefill_product_equals_float64_on_every_edge(prefill_paths, T, K, n):
 
 def test_prefill_gemm_is_the_same_on_any_thread_count_and_token_chunk(prefill_paths):
     """Each output is one sum in one order whatever the split: the same bits
-    on 1-3 threads and when the scratch holds only 72 tokens at a time (W
-    packed again for each chunk; 64 is the least gemm.c is used with, and
-    the sgemm path's sums differ in their last bits)."""
+    on 1-3 threads (each packing its share of x's tiles into one shared
+    copy) and when the scratch holds only 72 tokens at a time on 2 and 3
+    threads (a panel of W, 48 x K, per thread, then the shared x: W packed
+    again for each chunk; 64 is the least gemm.c is used with, and the sgemm
+    path's sums differ in their last bits)."""
     if len(prefill_paths) < 2:
         pytest.skip("this CPU has no AVX-512F: gemm.c's product is not used")
     x, W = _gemm_case(150, 1100, 203, seed=1)
@@ -294,7 +296,8 @@ def test_prefill_gemm_is_the_same_on_any_thread_count_and_token_chunk(prefill_pa
     for path in prefill_paths[1:]:
         assert _C.bf16_prefill(path) == "avx512f"
         outs = []
-        for threads, scratch in ((1, 0), (2, 0), (3, 0), (2, (48 + 72) * 1100)):
+        for threads, scratch in ((1, 0), (2, 0), (3, 0), (2, (48 + 36) * 1100),
+                                 (3, (48 + 24) * 1100)):
             out = np.empty((150, 203), np.float32)
             _C.matmul_bf16(out, x, W, 0.0, threads, scratch)
             outs.append(out)
