@@ -508,14 +508,12 @@ static void matmul_task(void *arg, int id, int n)
     }
 }
 
-/* gemm.c's product: each thread packs its share of the chunk's x (whole
- * tiles of 8 tokens) into the shared xpack */
+/* gemm.c's product: each thread packs its share of the chunk's x into the
+ * shared xpack */
 static void pack_x_task(void *arg, int id, int n)
 {
     const MatmulJob *j = arg;
-    size_t lo, hi;
-    pcs_thread_rows((j->tb + 7) / 8, id, n, &lo, &hi);
-    pcs_gemm_bf16_pack_x(j->xpack, j->TB, j->x, j->ldx, j->n_in, j->tb, lo * 8, hi * 8);
+    pcs_gemm_bf16_pack_x(j->xpack, j->TB, j->x, j->ldx, j->n_in, j->tb, id, n);
 }
 
 void pcs_matmul_bf16(float *out, size_t ldo, const float *x, size_t ldx, const unsigned short *W,

@@ -30,7 +30,7 @@
  * was n times the packing and n times the x in L3 (on 8 threads, 1.25x
  * the CPU time of one shared copy for a 512 x 2048 x 5632 product).
  * Alone on one core (AMD Zen 4) the kernel runs at the FMA peak from
- * cache; the model's prefill is 1.04-1.08x the widening + sgemm path's
+ * cache; the model's prefill is 1.07-1.10x the widening + sgemm path's
  * (benchmarks/RESULTS.md).
  */
 #include <stdint.h>
@@ -48,20 +48,30 @@ size_t pcs_gemm_bf16_w_floats(size_t K)
     return (size_t)NR * K;
 }
 
+/* the threads' panels of W: NR rows each */
+static size_t panels_floats(size_t K, int n_threads)
+{
+    return (size_t)(n_threads < 1 ? 1 : n_threads) * NR * K;
+}
+
+/* T rounded up to whole tiles of MR tokens */
+static size_t tiled(size_t T)
+{
+    return (T + MR - 1) / MR * MR;
+}
+
 size_t pcs_gemm_bf16_scratch(size_t T, size_t K, int n_threads)
 {
-    const size_t tiles = (T + MR - 1) / MR;
-    return ((size_t)(n_threads < 1 ? 1 : n_threads) * NR + (tiles < 1 ? 1 : tiles) * MR) * K;
+    return panels_floats(K, n_threads) + (T < 1 ? MR : tiled(T)) * K;
 }
 
 size_t pcs_gemm_bf16_tokens(size_t floats, size_t K, int n_threads, size_t T)
 {
-    const size_t w = (size_t)(n_threads < 1 ? 1 : n_threads) * NR * K;
+    const size_t w = panels_floats(K, n_threads);
     if (K == 0 || floats < w)
         return 0;
-    size_t TB = (floats - w) / K / MR * MR;
-    const size_t all = (T + MR - 1) / MR * MR;
-    return TB > all ? all : TB;
+    const size_t TB = (floats - w) / K / MR * MR;
+    return TB > tiled(T) ? tiled(T) : TB;
 }
 
 /* 0: the widening + sgemm path; 1: this file's (AVX-512F); -1: not chosen
@@ -266,9 +276,11 @@ static void block(float *out, size_t ldo, const float *xp, const float *wp, size
 }
 
 void pcs_gemm_bf16_pack_x(float *xpack, size_t TB, const float *x, size_t ldx, size_t K,
-                          size_t tb, size_t t_lo, size_t t_hi)
+                          size_t tb, int id, int n)
 {
-    for (size_t t = t_lo; t < t_hi && t < tb; t += MR)
+    size_t lo, hi; /* this thread's share of the tiles */
+    pcs_thread_rows(tiled(tb) / MR, id, n, &lo, &hi);
+    for (size_t t = lo * MR; t < hi * MR; t += MR)
         for (size_t k0 = 0; k0 < K; k0 += KC) {
             const size_t kc = K - k0 < KC ? K - k0 : KC;
             const float *src[MR];
@@ -306,9 +318,9 @@ void pcs_gemm_bf16_rows(float *out, size_t ldo, const float *xpack, size_t TB, s
 #else
 /* never called: cpu_gemm() is 0 */
 void pcs_gemm_bf16_pack_x(float *xpack, size_t TB, const float *x, size_t ldx, size_t K,
-                          size_t tb, size_t t_lo, size_t t_hi)
+                          size_t tb, int id, int n)
 {
-    (void)xpack, (void)TB, (void)x, (void)ldx, (void)K, (void)tb, (void)t_lo, (void)t_hi;
+    (void)xpack, (void)TB, (void)x, (void)ldx, (void)K, (void)tb, (void)id, (void)n;
 }
 
 void pcs_gemm_bf16_rows(float *out, size_t ldo, const float *xpack, size_t TB, size_t tb,

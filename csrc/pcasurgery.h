@@ -331,11 +331,11 @@ const char *pcs_bf16_kernel(void);
  * Only where pcs_gemm_bf16_on() said 1 (the CPU has AVX-512F): the caller
  * decides once per product, so that switching paths meanwhile changes none
  * of it. A chunk of tb <= TB tokens at a time: */
-/* x's rows t_lo..t_hi-1 (multiples of 8; of the chunk's tb rows, x (tb, K)
- * row stride ldx) packed into xpack (pcs_gemm_bf16_scratch's x part: TB
- * rows, a multiple of 8): the threads pack a chunk's rows together */
+/* thread id of n's share of the chunk's rows x (tb, K), row stride ldx,
+ * packed into xpack (pcs_gemm_bf16_scratch's x part: TB rows, a multiple
+ * of 8): the threads pack a chunk's rows together, whole tiles of 8 */
 void pcs_gemm_bf16_pack_x(float *xpack, size_t TB, const float *x, size_t ldx, size_t K,
-                          size_t tb, size_t t_lo, size_t t_hi);
+                          size_t tb, int id, int n);
 /* out[:, lo:hi] (tb rows, stride ldo) = beta * out + x W[lo:hi]^T on this
  * thread, from the chunk's packed x; W (n, K) bf16 bits; wpack: this
  * thread's pcs_gemm_bf16_w_floats(K) of scratch */
